@@ -1,0 +1,121 @@
+"""Reading weight files safely and assigning them strictly.
+
+Original SEED-1 files are torch pickles; they are read with ``weights_only=True`` only, so
+nothing in a file can run code. ``.safetensors`` files are memory-mapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .config import resolve_path
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+WHERE_TO_GET = {
+    "eva_vit_g.pth": "the BLIP-2 EVA ViT-g file: `python scripts/download_weights.py` fetches it",
+    "causal_qformer.pth": "the SEED-1 release (AILab-CVC/SEED, 'SEED Tokenizer v1'): download it by hand",
+    "seed_tokenizer.pth": "the SEED-1 release (AILab-CVC/SEED, 'SEED Tokenizer v1'): download it by hand",
+}
+
+
+def missing_file_hint(path: Path) -> str:
+    """Where to get a weight file that is not there."""
+    how = WHERE_TO_GET.get(path.name, "see pretrained/README.md")
+    return f"{how}; put it at {path} (see pretrained/README.md)"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict on the CPU.
+
+    A torch pickle that holds ``{"model": {...}, ...}`` (the SEED-1 layout) is unwrapped to its
+    ``"model"`` entry. Raises `CheckpointError` for a missing, corrupt or unsafe file.
+    """
+    p = resolve_path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file not found: {p}. Get it from {missing_file_hint(p)}.")
+    try:
+        if p.suffix == ".safetensors":
+            obj = load_file(p)
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{p}: refused to load: the file holds Python objects other than tensors, which could run "
+            f"code when unpickled (loaded with weights_only=True only). Convert it to .safetensors in "
+            f"a trusted environment. Details: {e}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{p}: cannot read the checkpoint (truncated or corrupt?): {e}") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{p}: expected a state dict of tensors, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def rename(state_dict: Mapping[str, torch.Tensor], renames: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Keep the keys that start with one of the original prefixes, renamed to our prefix."""
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in renames:
+            if key.startswith(old):
+                out[new + key[len(old):]] = value
+                break
+    return out
+
+
+def assign_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state_dict`` into ``module`` strictly: every weight must be there with its shape.
+
+    Tensors are copied to each parameter's device and dtype; a module built on the meta device
+    takes them by assignment (no second copy). ``source`` names the file(s) in errors.
+    """
+    expected = module.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise CheckpointError(f"{len(missing)} weight(s) the model needs are not in {source}: {shown}")
+    wrong = [
+        f"{k}: file has {tuple(state_dict[k].shape)}, model needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"weight(s) of the wrong shape in {source}: " + "; ".join(wrong))
+    on_meta = any(v.is_meta for v in expected.values())
+    ready = {k: state_dict[k].to(device=v.device if not v.is_meta else "cpu", dtype=v.dtype) for k, v in expected.items()}
+    module.load_state_dict(ready, strict=True, assign=on_meta)
+
+
+def load_checkpoints(plan: Mapping[str, tuple[str | Path | None, list[tuple[nn.Module, Callable]]]]) -> None:
+    """Load each original file into the model stages it feeds.
+
+    ``plan``: config name -> (path or None, [(module, checkpoint_filter_fn), ...]); each filter maps
+    the file's original keys to its module's keys. None leaves those stages randomly initialised,
+    with a warning. Keys no stage uses (training-only) are skipped and counted in one log line.
+    """
+    for name, (path, stages) in plan.items():
+        if path is None:
+            logger.warning("checkpoints.%s is null: those weights are RANDOM", name)
+            continue
+        state_dict = read_state_dict(path)
+        used: set[int] = set()
+        for module, filter_fn in stages:
+            wanted = module.state_dict().keys()
+            sd = {k: v for k, v in filter_fn(state_dict).items() if k in wanted}
+            used.update(id(v) for v in sd.values())
+            assign_weights(module, sd, str(resolve_path(path)))
+        skipped = sum(1 for v in state_dict.values() if id(v) not in used)
+        logger.info("%s: loaded %d tensors, skipped %d no part of the model uses", resolve_path(path).name,
+                    len(state_dict) - skipped, skipped)

@@ -1,0 +1,61 @@
+"""Stage 3: down-projection and nearest-neighbour quantization to a codebook."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from .checkpoint import rename
+
+
+class Quantizer(nn.Module):
+    """Causal embeddings [B,32,hidden] -> codes [B,32] int64 in ``[0, codebook.size)``.
+
+    ``down``: Linear hidden->hidden, tanh, Linear hidden->dim; each vector takes the index of
+    its nearest codebook row in Euclidean distance (no normalization).
+    """
+
+    def __init__(self, model_cfg: DictConfig):
+        super().__init__()
+        h, c = model_cfg.qformer.hidden_size, model_cfg.codebook
+        self.down = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, c.dim))
+        self.codebook = nn.Embedding(c.size, c.dim)
+
+    def forward(self, causal_embeds: torch.Tensor) -> torch.Tensor:
+        z = self.down(causal_embeds.to(self.codebook.weight.dtype))
+        e = self.codebook.weight
+        # ||z||^2 + ||e||^2 - 2 z.e, as the original VectorQuantizer computes it
+        dist = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()
+        return dist.argmin(-1)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``seed_tokenizer.pth`` -> `Quantizer` keys."""
+    return rename(state_dict, [("encode_task_layer.", "down."), ("quantize.embedding.", "codebook.")])
+
+
+def check_codes(codes, codebook_size: int, length: int = 32) -> torch.Tensor:
+    """Validate codes -> int64 [B,length]; a 1-D sequence of ``length`` is a batch of one.
+
+    Accepts tensors, numpy arrays and (nested) lists. Raises `InputError` when they are not
+    integers, not ``length`` per row, or outside ``[0, codebook_size)``.
+    """
+    from .errors import InputError
+
+    if not isinstance(codes, torch.Tensor):
+        try:
+            codes = torch.as_tensor(codes)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f"codes must be a tensor or a rectangular list of integers: {e}") from None
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise InputError(f"codes must be integers, got dtype {codes.dtype}")
+    if codes.dim() == 1:
+        codes = codes.unsqueeze(0)
+    if codes.dim() != 2 or codes.shape[1] != length or codes.shape[0] == 0:
+        raise InputError(f"codes must be [B,{length}] (or a single sequence of {length}), got {list(codes.shape)}")
+    bad = (codes < 0) | (codes >= codebook_size)
+    if bad.any():
+        rows = bad.any(1).nonzero().flatten().tolist()
+        raise InputError(f"codes out of range [0, {codebook_size}) in batch row(s) {rows}")
+    return codes.long()

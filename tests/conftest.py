@@ -1,0 +1,75 @@
+"""Shared fixtures: the tiny config, the parity fixture, real photos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import seed
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+PARITY = SHARED / "parity" / "seed1-tiny"
+TINY = ROOT / "configs" / "seed_tiny.yaml"
+PHOTOS = sorted((ROOT / "assets").glob("*.png"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def parity_overrides(fixture: Path) -> list[str]:
+    """Config overrides that make configs/seed_tiny.yaml match a parity fixture's spec.json."""
+    spec = json.loads((fixture / "spec.json").read_text())
+    v, q, c, d = spec["vision"], spec["qformer"], spec["codebook"], spec["decoder"]
+    return [
+        f"model.image_size={spec['image_size']}",
+        f"model.vision.patch_size={v['patch_size']}", f"model.vision.width={v['width']}",
+        f"model.vision.depth={v['depth']}", f"model.vision.heads={v['heads']}",
+        f"model.vision.mlp_ratio={(v['mlp_hidden'] + 0.5) / v['width']}",  # timm: int(width * ratio)
+        f"model.qformer.hidden_size={q['hidden']}", f"model.qformer.num_layers={q['layers']}",
+        f"model.qformer.num_heads={q['heads']}", f"model.qformer.intermediate_size={q['intermediate']}",
+        f"model.qformer.cross_attention_every={q['cross_attention_every']}",
+        f"model.qformer.num_queries={q['num_queries']}",
+        f"model.codebook.size={c['size']}", f"model.codebook.dim={c['dim']}",
+        f"model.decoder.num_blocks={d['blocks']}", f"model.decoder.num_heads={d['block_heads']}",
+        f"model.decoder.reverse_layers={d['reverse_qformer_layers']}",
+        f"model.decoder.num_queries={d['num_reverse_queries']}", f"model.decoder.output_dim={d['out_dim']}",
+        f"checkpoints.vision={fixture / 'eva_vit_g.pth'}",
+        f"checkpoints.qformer={fixture / 'causal_qformer.pth'}",
+        f"checkpoints.codebook={fixture / 'seed_tokenizer.pth'}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def parity_cfg():
+    if not PARITY.is_dir():
+        pytest.skip(f"parity fixture not found at {PARITY}")
+    return seed.load_config(TINY, *parity_overrides(PARITY))
+
+
+@pytest.fixture(scope="session")
+def parity_tok(parity_cfg):
+    return seed.Tokenizer.from_config(parity_cfg, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def expected():
+    return torch.load(PARITY / "expected.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return seed.load_config(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tiny_cfg):
+    torch.manual_seed(0)
+    return seed.Tokenizer.from_config(tiny_cfg, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def photos():
+    return PHOTOS

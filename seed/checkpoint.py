@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -30,9 +29,9 @@ WHERE_TO_GET = {
 
 
 def missing_file_hint(path: Path) -> str:
-    """Where to get a weight file that is not there."""
-    how = WHERE_TO_GET.get(path.name, "see pretrained/README.md")
-    return f"{how}; put it at {path} (see pretrained/README.md)"
+    """Where to get a weight file and where to put it, as a sentence."""
+    how = WHERE_TO_GET.get(path.name)
+    return (f"Get it from {how}; put" if how else "Put") + f" it at {path} (see pretrained/README.md)."
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -43,20 +42,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     p = resolve_path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint file not found: {p}. Get it from {missing_file_hint(p)}.")
+        raise CheckpointError(f"checkpoint file not found: {p}. {missing_file_hint(p)}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: the file is empty (an interrupted download?). {missing_file_hint(p)}")
     try:
         if p.suffix == ".safetensors":
             obj = load_file(p)
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False; keep only the line that says what was refused
+        why = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(
-            f"{p}: refused to load: the file holds Python objects other than tensors, which could run "
-            f"code when unpickled (loaded with weights_only=True only). Convert it to .safetensors in "
-            f"a trusted environment. Details: {e}"
+            f"{p}: refused to load: the file is corrupt or holds Python objects other than tensors, which "
+            f"could run code when unpickled ({why.strip() or type(e).__name__}). seed reads pickles with "
+            f"weights_only=True only; convert a trusted file to .safetensors."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{p}: cannot read the checkpoint (truncated or corrupt?): {e}") from None
+    except Exception as e:  # any other failure of the reader on these bytes: a damaged file
+        first = str(e).split(". ")[0].splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{p}: cannot read the checkpoint (truncated or corrupt?): {type(e).__name__}: {first}") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping):
@@ -75,24 +79,31 @@ def rename(state_dict: Mapping[str, torch.Tensor], renames: list[tuple[str, str]
     return out
 
 
-def assign_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+def assign_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                   file_names: Mapping[str, str] | None = None) -> None:
     """Load ``state_dict`` into ``module`` strictly: every weight must be there with its shape.
 
     Tensors are copied to each parameter's device and dtype; a module built on the meta device
-    takes them by assignment (no second copy). ``source`` names the file(s) in errors.
+    takes them by assignment (no second copy). ``source`` names the file(s) in errors, and
+    ``file_names`` (our key -> the file's key) the weights, where the file names them differently.
     """
     expected = module.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state_dict]
+    stage = type(module).__name__
+    missing = [f"{k} {tuple(v.shape)}" for k, v in expected.items() if k not in state_dict]
     if missing:
         shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
-        raise CheckpointError(f"{len(missing)} weight(s) the model needs are not in {source}: {shown}")
+        raise CheckpointError(f"{source} lacks {len(missing)} weight(s) the {stage} needs: {shown}. "
+                              f"Is it the right file, complete and unmodified?")
+    file_names = file_names or {}
     wrong = [
-        f"{k}: file has {tuple(state_dict[k].shape)}, model needs {tuple(v.shape)}"
+        f"{file_names.get(k, k)}{f' (our {k})' if file_names.get(k, k) != k else ''}: file has "
+        f"{tuple(state_dict[k].shape)}, the {stage} needs {tuple(v.shape)}"
         for k, v in expected.items()
         if tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if wrong:
-        raise CheckpointError(f"weight(s) of the wrong shape in {source}: " + "; ".join(wrong))
+        raise CheckpointError(f"weight(s) of the wrong shape in {source} (a different model size or config?): "
+                              + "; ".join(wrong))
     on_meta = any(v.is_meta for v in expected.values())
     ready = {k: state_dict[k].to(device=v.device if not v.is_meta else "cpu", dtype=v.dtype) for k, v in expected.items()}
     module.load_state_dict(ready, strict=True, assign=on_meta)
@@ -110,12 +121,13 @@ def load_checkpoints(plan: Mapping[str, tuple[str | Path | None, list[tuple[nn.M
             logger.warning("checkpoints.%s is null: those weights are RANDOM", name)
             continue
         state_dict = read_state_dict(path)
+        file_key = {id(v): k for k, v in state_dict.items()}  # filters pass tensors through unchanged
         used: set[int] = set()
         for module, filter_fn in stages:
             wanted = module.state_dict().keys()
             sd = {k: v for k, v in filter_fn(state_dict).items() if k in wanted}
             used.update(id(v) for v in sd.values())
-            assign_weights(module, sd, str(resolve_path(path)))
+            assign_weights(module, sd, str(resolve_path(path)), {k: file_key.get(id(v), k) for k, v in sd.items()})
         skipped = sum(1 for v in state_dict.values() if id(v) not in used)
         logger.info("%s: loaded %d tensors, skipped %d no part of the model uses", resolve_path(path).name,
                     len(state_dict) - skipped, skipped)

@@ -26,11 +26,11 @@ class Decoder(nn.Module):
         q, d, c = model_cfg.qformer, model_cfg.decoder, model_cfg.codebook
         h = q.hidden_size
         self.up = nn.Sequential(nn.Linear(c.dim, c.dim), nn.Tanh(), nn.Linear(c.dim, h))
-        self.pos_embed = nn.Parameter(torch.zeros(1, q.num_queries, h))
+        self.pos_embed = nn.Parameter(torch.randn(1, q.num_queries, h) * 0.02)
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.Sequential(*[Block(h, d.num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
                                       for _ in range(d.num_blocks)])
-        self.queries = nn.Parameter(torch.zeros(1, d.num_queries, h))
+        self.queries = nn.Parameter(torch.randn(1, d.num_queries, h) * 0.02)
         self.qformer = build_qformer(q, d.reverse_layers, h)
         self.proj = nn.Linear(h, d.output_dim)
 

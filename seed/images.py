@@ -40,70 +40,64 @@ def open_image(src: ImageInput) -> Image.Image:
     """Open and fully decode an image, then convert it with `to_rgb`.
 
     Raises `InputError` (naming the input) for a missing or empty file, a file that is not an
-    image, a truncated image, or a decompression bomb.
+    image, a truncated image, a decompression bomb, or a mode that cannot be converted.
     """
     name = describe(src)
-    if isinstance(src, Image.Image):
-        return to_rgb(src, name)
-    if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if not path.is_file():
-            raise InputError(f"{name}: no such file")
-        if path.stat().st_size == 0:
-            raise InputError(f"{name}: the file is empty")
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        if len(src) == 0:
-            raise InputError(f"{name}: no bytes to decode")
-        src = io.BytesIO(src)
-    elif not hasattr(src, "read"):
-        raise InputError(f"expected a path, bytes, a binary file or a PIL image, got {type(src).__name__}")
     try:
+        if isinstance(src, Image.Image):
+            src.load()  # an image from Image.open is decoded only now
+            return to_rgb(src, name)
+        if isinstance(src, (str, os.PathLike)):
+            path = Path(src)
+            if not path.exists():
+                raise InputError(f"{name}: no such file")
+            if not path.is_file():
+                raise InputError(f"{name}: not a file")
+            if path.stat().st_size == 0:
+                raise InputError(f"{name}: the file is empty")
+        elif isinstance(src, (bytes, bytearray, memoryview)):
+            if len(src) == 0:
+                raise InputError(f"{name}: empty, no bytes to decode")
+            src = io.BytesIO(src)
+        elif not hasattr(src, "read"):
+            raise InputError(f"expected a path, bytes, a binary file or a PIL image, got {type(src).__name__}")
         with Image.open(src) as img:
             img.load()
             return to_rgb(img, name)
+    except InputError:
+        raise
     except Image.DecompressionBombError as e:
         raise InputError(f"{name}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise InputError(f"{name}: not an image Pillow can read (wrong extension or corrupt header?)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {e}") from None
-
-
-def _to_uint8(a: np.ndarray, full_scale: float | None) -> np.ndarray:
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-    if full_scale is None:  # unknown range: stretch min..max
-        lo, hi = float(a.min()), float(a.max())
-        a, full_scale = a - lo, (hi - lo) or 1.0
-    return np.clip(np.rint(a * (255.0 / full_scale)), 0, 255).astype(np.uint8)
 
 
 def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
     """Any Pillow mode -> 8-bit RGB.
 
     16-bit images are scaled (``v / 257``: a 16-bit image gives the same pixels as its 8-bit
-    twin), 32-bit integer ones likewise when they fit in 16 bits, else stretched min..max; float
-    images in [0, 1] are scaled by 255, others stretched. Transparency is composited on white.
+    twin), 32-bit integer ones likewise when they fit in 16 bits, else stretched min..max. Float
+    images in [0, 1] are scaled by 255, in [0, 255] kept, others stretched; NaN/inf count as 0.
+    Transparency (an alpha band or a transparent colour) is composited on white.
     """
     if img.width < 1 or img.height < 1:
         raise InputError(f"{name}: the image has no pixels ({img.width}x{img.height})")
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img)
-        if mode == "F":
-            finite = a[np.isfinite(a)]
-            in_unit = finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)
-            scale = 1.0 if in_unit else None
-        elif mode == "I":
-            scale = 65535.0 if a.min() >= 0 and a.max() <= 65535 else None
-        else:
-            scale = 65535.0
-        img = Image.fromarray(_to_uint8(a, scale), mode="L")
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        full_scales = (1.0, 255.0) if img.mode == "F" else (65535.0,)
+        scale = next((f for f in full_scales if lo >= 0 and hi <= f), None)
+        if scale is None:  # unknown range: stretch min..max
+            a, scale = a - lo, (hi - lo) or 1.0
+        a = np.nan_to_num(a * (255.0 / scale), nan=0.0, posinf=0.0, neginf=0.0)
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
@@ -122,6 +116,7 @@ def load_batch(images: ImageInput | Sequence[ImageInput], size: int) -> torch.Te
     """Images -> float32 [B,3,size,size]. A bad item raises `InputError` naming its position."""
     if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or hasattr(images, "read"):
         images = [images]
+    images = list(images)
     if len(images) == 0:
         raise InputError("got an empty list of images")
     out = []

@@ -61,7 +61,7 @@ class CausalQFormer(nn.Module):
         super().__init__()
         q = model_cfg.qformer
         self.ln_vision = nn.LayerNorm(model_cfg.vision.width, eps=1e-5)
-        self.query_tokens = nn.Parameter(torch.zeros(1, q.num_queries, q.hidden_size))
+        self.query_tokens = nn.Parameter(torch.randn(1, q.num_queries, q.hidden_size) * 0.02)
         self.qformer = build_qformer(q, q.num_layers, model_cfg.vision.width)
         self.register_buffer("causal_mask", torch.empty(1, 1, q.num_queries, q.num_queries), persistent=False)
         self._init_buffers()

@@ -21,6 +21,8 @@ class Quantizer(nn.Module):
         h, c = model_cfg.qformer.hidden_size, model_cfg.codebook
         self.down = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, c.dim))
         self.codebook = nn.Embedding(c.size, c.dim)
+        # The original VectorQuantizer's init; with N(0,1) rows a random model maps every vector to one code.
+        nn.init.uniform_(self.codebook.weight, -1.0 / c.size, 1.0 / c.size)
 
     def forward(self, causal_embeds: torch.Tensor) -> torch.Tensor:
         z = self.down(causal_embeds.to(self.codebook.weight.dtype))
@@ -48,14 +50,17 @@ def check_codes(codes, codebook_size: int, length: int = 32) -> torch.Tensor:
             codes = torch.as_tensor(codes)
         except (TypeError, ValueError, RuntimeError) as e:
             raise InputError(f"codes must be a tensor or a rectangular list of integers: {e}") from None
+    if codes.numel() == 0:
+        raise InputError(f"codes are empty (shape {list(codes.shape)}); expected [B,{length}]")
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise InputError(f"codes must be integers, got dtype {codes.dtype}")
+    codes = codes.long()  # before comparing: in uint8, codebook_size would wrap around
     if codes.dim() == 1:
         codes = codes.unsqueeze(0)
-    if codes.dim() != 2 or codes.shape[1] != length or codes.shape[0] == 0:
+    if codes.dim() != 2 or codes.shape[1] != length:
         raise InputError(f"codes must be [B,{length}] (or a single sequence of {length}), got {list(codes.shape)}")
     bad = (codes < 0) | (codes >= codebook_size)
     if bad.any():
         rows = bad.any(1).nonzero().flatten().tolist()
         raise InputError(f"codes out of range [0, {codebook_size}) in batch row(s) {rows}")
-    return codes.long()
+    return codes

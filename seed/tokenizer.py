@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from . import decoder, qformer, quantizer, vision
+from . import decoder, hub, qformer, quantizer, vision
 from .checkpoint import load_checkpoints
 from .images import ImageInput, check_pixel_values, load_batch
 
@@ -65,6 +66,35 @@ class Tokenizer(nn.Module):
         tok.vision.to(dtype)
         return tok
 
+    @classmethod
+    def from_pretrained(cls, name: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> Tokenizer:
+        """Load a folder written by `save_pretrained`, or a Hugging Face Hub repo id holding one.
+
+        The weights are memory-mapped from ``model.safetensors`` and assigned to a model built on
+        the meta device (no random init, no second copy). ``device``/``dtype`` as in `from_config`.
+        Raises `CheckpointError` naming ``name`` if it is neither a folder nor a fetchable repo id.
+        """
+        folder = hub.find(name)
+        cfg = hub.read_config(folder)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        with torch.device("meta"):
+            tok = cls(cfg)
+        hub.load_weights(tok, folder)
+        tok._materialize_buffers()
+        tok.requires_grad_(False).eval()
+        tok.to(device)
+        tok.vision.to(dtype)
+        return tok
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.yaml`` and ``model.safetensors`` (float32, our key names) into ``folder``.
+
+        The folder loads by itself with `from_pretrained` (the config's ``checkpoints`` are dropped).
+        """
+        return hub.save(self, folder)
+
     def _materialize_buffers(self) -> None:
         """Fill the non-persistent buffers (not in any file) of a model built on the meta device."""
         for module in self.modules():
@@ -73,6 +103,10 @@ class Tokenizer(nn.Module):
                 module._buffers[name] = torch.zeros_like(module._buffers[name], device="cpu")
             if metas and hasattr(module, "_init_buffers"):
                 module._init_buffers()
+
+    def compile_vision(self, **kwargs) -> None:
+        """``torch.compile`` the vision tower in place (weights and their names unchanged)."""
+        self.vision.compile(**kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -109,3 +143,35 @@ class Tokenizer(nn.Module):
         """Codes [B,32] (or one sequence of 32) -> generation embeddings float32 [B,77,output_dim]."""
         codes = quantizer.check_codes(codes, self.quantizer.codebook.num_embeddings, self.cfg.model.qformer.num_queries)
         return self.decoder(self.quantizer.codebook(codes.to(self.device)))
+
+    @property
+    def diffusion(self):
+        """The SD v1.4 model (`seed.diffusion.Diffusion`), loaded from ``cfg.diffusion`` on first use."""
+        if getattr(self, "_diffusion", None) is None:
+            from .diffusion import Diffusion
+
+            self._diffusion = Diffusion.from_config(self.cfg, self.device)
+        return self._diffusion
+
+    def decode(self, codes, *, steps: int | None = None, num_inference_steps: int | None = None,
+               guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+               num_samples: int | None = None, seed: int | None = None, scheduler: str | None = None) -> list:
+        """Codes [B,32] (or one sequence of 32) -> B x num_samples PIL RGB images, grouped per sequence.
+
+        Images ``b*num_samples .. (b+1)*num_samples - 1`` come from ``codes[b]``. Each setting left
+        None takes its ``cfg.diffusion`` value; ``steps`` and ``num_inference_steps`` are the same.
+        ``scheduler``: "pndm" (PLMS, the original), "ddim" or "dpm" (DPM-Solver++). The same seed
+        gives the same pixels for a code sequence, whatever else is in the batch.
+        """
+        from .errors import InputError
+
+        if steps is not None and num_inference_steps is not None and steps != num_inference_steps:
+            raise InputError(f"steps={steps} and num_inference_steps={num_inference_steps} disagree (same setting)")
+        embeds = self.embed(codes)
+        return self.diffusion.generate(embeds, steps=steps if steps is not None else num_inference_steps,
+                                       guidance_scale=guidance_scale, height=height, width=width,
+                                       num_samples=num_samples, seed=seed, scheduler=scheduler)
+
+    def reconstruct(self, images: Images, **settings) -> list:
+        """Images -> codes -> B x num_samples PIL images: `encode` then `decode` (same ``settings``)."""
+        return self.decode(self.encode(images), **settings)

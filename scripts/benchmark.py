@@ -1,0 +1,157 @@
+"""Speed of encode (against the bare vision tower), decode, and loading; prints one JSON object.
+
+    python scripts/benchmark.py --config configs/seed_tokenizer.yaml --device cpu --batch-size 2
+    python scripts/benchmark.py --config configs/seed_tokenizer.yaml --device cuda --batch-size 64 --dtype bf16 --compile
+
+Weights are random at the config's dimensions (speed does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import seed
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+"""Dense fp16/bf16 tensor-core peaks (TFLOP/s) for MFU."""
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def bench_encode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
+    """Encode images/s and its time over a bare vision-tower forward on the same pixels."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.batch_size, 3, tok.image_size, tok.image_size, generator=g).to(device)
+    dtype = tok.vision.patch_embed.proj.weight.dtype
+
+    def bare_vit():
+        with torch.inference_mode():
+            tok.vision.forward_features(pixels.to(dtype))
+
+    t_vit = timed(bare_vit, device, args.repeats, args.warmup)
+    t_enc = timed(lambda: tok.encode(pixels), device, args.repeats, args.warmup)
+    out = {
+        "encode_images_per_s": args.batch_size / t_enc,
+        "encode_s_per_batch": t_enc,
+        "vit_s_per_batch": t_vit,
+        "encode_over_vit": t_enc / t_vit,
+    }
+    if device.type == "cuda":
+        with FlopCounterMode(display=False) as fc, torch.inference_mode():
+            tok.encode(pixels)
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        out["encode_tflops"] = fc.get_total_flops() / t_enc / 1e12
+        out["encode_mfu"] = out["encode_tflops"] / peak if peak else None
+    return out
+
+
+def bench_decode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
+    """Seconds per image for each sampler and step count (batch of ``--decode-batch`` code rows)."""
+    codes = torch.randint(0, tok.cfg.model.codebook.size, (args.decode_batch, 32))
+    out = {}
+    for spec in args.samplers:
+        name, steps = spec.split(":")
+        kw = dict(scheduler=name, steps=int(steps), height=args.decode_size, width=args.decode_size, num_samples=1)
+        t = timed(lambda: tok.decode(codes, **kw), device, repeats=1, warmup=1)
+        out[f"{name}_{steps}_s_per_image"] = t / args.decode_batch
+    return out
+
+
+LOAD_SNIPPET = """
+import resource, sys, time, torch, seed
+t = time.perf_counter()
+tok = seed.Tokenizer.from_pretrained(sys.argv[1], device="cpu")
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+"""
+
+
+def bench_load(tok: seed.Tokenizer) -> dict:
+    """Load time and peak RSS of `Tokenizer.from_pretrained` in a fresh process, vs the weights' size."""
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        weights_gb = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) / 2**30
+        res = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, d], capture_output=True, text=True, check=True)
+        load_s, rss_gb = map(float, res.stdout.split()[-2:])
+    return {"load_s": load_s, "load_peak_rss_gb": rss_gb, "weights_gb": weights_gb}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/seed_tokenizer.yaml")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="encode batch (default 64 on CUDA, 2 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="vision tower dtype (default fp16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the vision tower (CUDA)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--samplers", nargs="*", default=None,
+                   help="decode runs as scheduler:steps (default pndm:50 dpm:25 on CUDA, none on CPU)")
+    p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--decode-size", type=int, default=None, help="decode height=width (default: config)")
+    p.add_argument("--skip-load", action="store_true", help="skip the save/load measurement")
+    p.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    args.batch_size = args.batch_size or (64 if device.type == "cuda" else 2)
+    args.samplers = args.samplers if args.samplers is not None else (["pndm:50", "dpm:25"] if device.type == "cuda" else [])
+    logging.basicConfig(level=logging.WARNING)
+
+    cfg = seed.load_config(args.config, "checkpoints.vision=null", "checkpoints.qformer=null",
+                           "checkpoints.codebook=null", *args.overrides)
+    torch.manual_seed(0)
+    tok = seed.Tokenizer.from_config(cfg, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    if args.compile:
+        tok.compile_vision()
+    result = {
+        "config": args.config,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "vision_dtype": str(tok.vision.patch_embed.proj.weight.dtype).replace("torch.", ""),
+        "batch_size": args.batch_size,
+        "compile": args.compile,
+        **bench_encode(tok, args, device),
+    }
+    if args.samplers:
+        args.decode_size = args.decode_size or int(cfg.diffusion.height)
+        result.update(bench_decode(tok, args, device))
+    result["peak_memory_gb"] = peak_memory_gb(device)
+    if not args.skip_load:
+        result.update(bench_load(tok))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

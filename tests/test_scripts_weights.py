@@ -1,0 +1,153 @@
+"""scripts/convert_checkpoint.py, scripts/download_weights.py, scripts/eval_reconstruction.py."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+import seed
+from conftest import PARITY, ROOT, TINY, parity_overrides
+
+
+def script(name: str):
+    """A script in scripts/ as a module, to call its main(argv) in this process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_convert_parity_fixture_then_from_pretrained_matches_original(parity_cfg, expected, tmp_path):
+    out = tmp_path / "seed1-tiny"
+    r = run("scripts/convert_checkpoint.py", "--config", str(TINY), "--out", str(out), *parity_overrides(PARITY))
+    assert r.returncode == 0, r.stderr
+    assert "codes identical" in r.stdout and "OK" in r.stdout
+    assert not [p for p in out.iterdir() if p.suffix in (".pth", ".pt", ".bin", ".ckpt")]
+
+    tok = seed.Tokenizer.from_pretrained(out, device="cpu")
+    paths = [PARITY / "images" / name for name in expected["images"]]
+    assert torch.equal(tok.encode(paths), expected["codes"])
+    assert (tok.causal_embeddings(expected["pixel_values"]) - expected["causal_embeds"]).abs().max() < 1e-4
+    assert (tok.embed(expected["codes"]) - expected["gen_embeds"]).abs().max() < 1e-4
+
+
+def test_convert_fails_when_the_folder_does_not_reproduce_the_files(parity_cfg, tmp_path, monkeypatch, capsys):
+    load = seed.Tokenizer.from_pretrained.__func__
+
+    def corrupted(cls, *args, **kwargs):
+        tok = load(cls, *args, **kwargs)
+        tok.quantizer.codebook.weight.data = tok.quantizer.codebook.weight.data.flip(0)
+        return tok
+
+    monkeypatch.setattr(seed.Tokenizer, "from_pretrained", classmethod(corrupted))
+    rc = script("convert_checkpoint").main(["--config", str(TINY), "--out", str(tmp_path / "x"),
+                                            *parity_overrides(PARITY)])
+    assert rc == 1
+    assert "DIFFER" in capsys.readouterr().out
+
+
+def test_convert_refuses_a_config_without_files(tmp_path, capsys):
+    rc = script("convert_checkpoint").main(["--config", str(TINY), "--out", str(tmp_path / "x")])
+    assert rc == 1
+    assert "checkpoints.vision" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+UNREACHABLE = "http://127.0.0.1:9/eva_vit_g.pth"  # the discard port: connection refused at once
+
+
+def test_download_fails_clearly_offline(tmp_path):
+    r = run("scripts/download_weights.py", "--dest", str(tmp_path), "--eva-url", UNREACHABLE, "--timeout", "2",
+            env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1
+    assert "FAILED" in r.stderr
+    assert "CompVis/stable-diffusion-v1-4" in r.stderr and UNREACHABLE in r.stderr
+    for name in ("causal_qformer.pth", "seed_tokenizer.pth"):
+        assert f"put it at {tmp_path / name}" in r.stdout
+    assert "drive.google.com" in r.stdout
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a failed download left files behind"
+
+
+def test_download_skips_what_is_there(tmp_path):
+    dl = script("download_weights")
+    for f in [f"{dl.SD_DIR}/{f}" for f in dl.SD_FILES] + [dl.EVA_FILE, *dl.BY_HAND]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"present")
+    r = run("scripts/download_weights.py", "--dest", str(tmp_path), "--eva-url", UNREACHABLE,
+            env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[skip]") == 3 and "[get" not in r.stdout
+    assert "put it at" not in r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP with 32 x 32 inputs, saved as a transformers folder."""
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=16)
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_eval_reconstruction_on_tiny_clip(tiny_clip, photos, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in photos:
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    rc = script("eval_reconstruction").main([
+        "--config", str(TINY), "--images", str(images), "--clip", str(tiny_clip), "--out", str(out),
+        "--device", "cpu", "diffusion.steps=1", "diffusion.num_samples=1"])
+    captured = capsys.readouterr()
+    assert rc == 1, "an unreadable image is reported in the exit status"
+    assert "broken.png" in captured.err
+
+    rows = list(csv.reader((out / "scores.csv").open()))
+    assert rows[0] == ["image", "clip_similarity"]
+    scores = {name: float(s) for name, s in rows[1:]}
+    assert set(scores) == {p.name for p in photos} | {"mean"}
+    assert scores["mean"] == pytest.approx(sum(scores[p.name] for p in photos) / len(photos), abs=1e-6)
+    for p in photos:
+        assert f"{p.name}\t{scores[p.name]:.4f}" in captured.out
+
+    # recompute the metric from its definition on the saved PNGs: projected pooled CLIP vision output
+    clip, proc = CLIPModel.from_pretrained(tiny_clip), CLIPImageProcessor.from_pretrained(tiny_clip)
+    for p in photos:
+        recon = out / f"{p.stem}_png_recon0.png"
+        pair = [Image.open(p).convert("RGB"), Image.open(recon).convert("RGB")]
+        with torch.no_grad():
+            pooled = clip.vision_model(pixel_values=proc(images=pair, return_tensors="pt")["pixel_values"]).pooler_output
+            f = clip.visual_projection(pooled)
+        f = torch.nn.functional.normalize(f, dim=-1)
+        assert (f[0] @ f[1]).item() == pytest.approx(scores[p.name], abs=1e-4)
+
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * 256, len(photos) * 256)
+
+
+def test_eval_reconstruction_needs_a_local_clip(tmp_path, photos):
+    with pytest.raises(SystemExit, match="--allow-download"):
+        script("eval_reconstruction").main(["--config", str(TINY), "--images", str(photos[0].parent),
+                                            "--clip", "nobody/no-such-clip", "--out", str(tmp_path)])

@@ -30,8 +30,7 @@ def missing_weights(cfg) -> list[str]:
     missing = []
     for name, path in (cfg.get("checkpoints") or {}).items():
         if path is not None and not resolve_path(path).is_file():
-            missing.append(f"checkpoints.{name}: {resolve_path(path)} is missing. Get it from "
-                           f"{missing_file_hint(resolve_path(path))}")
+            missing.append(f"checkpoints.{name}: {resolve_path(path)} is missing. {missing_file_hint(resolve_path(path))}")
     model = (cfg.get("diffusion") or {}).get("model")
     if model is not None:
         try:
@@ -67,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = seed.load_config(args.config, *args.overrides)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    absent = [p for p in args.image if not Path(p).is_file()]
+    if absent:
+        print(f"error: image file(s) not found: {', '.join(absent)}", file=sys.stderr)
         return 2
     missing = missing_weights(cfg)
     if missing:

@@ -12,13 +12,12 @@ download failed (no network, HF_HUB_OFFLINE=1, ...), after trying every file.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import snapshot_download
 from tqdm import tqdm
 
 SD_REPO = "CompVis/stable-diffusion-v1-4"
@@ -42,10 +41,6 @@ BY_HAND = {
 }
 
 
-def offline() -> bool:
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def fetch_sd(dest: Path, timeout: float) -> str | None:
     """Download the missing SD v1.4 files into dest/stable-diffusion-v1-4; an error message or None."""
     folder = dest / SD_DIR
@@ -55,8 +50,7 @@ def fetch_sd(dest: Path, timeout: float) -> str | None:
         return None
     print(f"[get ] {SD_REPO} -> {folder} ({len(missing)} files, about 4 GB in all)")
     try:
-        snapshot_download(SD_REPO, local_dir=folder, allow_patterns=missing, etag_timeout=timeout,
-                          local_files_only=offline())
+        snapshot_download(SD_REPO, local_dir=folder, allow_patterns=missing, etag_timeout=timeout)
     except Exception as e:  # noqa: BLE001 - any failure is reported, the other downloads still run
         return f"{SD_REPO}: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
     still = [f for f in missing if not (folder / f).is_file()]

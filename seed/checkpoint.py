@@ -53,9 +53,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False; keep only the line that says what was refused
         why = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        why = why.strip().split(". ")[0]
         raise CheckpointError(
             f"{p}: refused to load: the file is corrupt or holds Python objects other than tensors, which "
-            f"could run code when unpickled ({why.strip() or type(e).__name__}). seed reads pickles with "
+            f"could run code when unpickled ({why or type(e).__name__}). seed reads pickles with "
             f"weights_only=True only; convert a trusted file to .safetensors."
         ) from None
     except Exception as e:  # any other failure of the reader on these bytes: a damaged file

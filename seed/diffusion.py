@@ -8,6 +8,7 @@ SEED-1 demo did. No safety checker and no watermark are applied.
 from __future__ import annotations
 
 import logging
+import numbers
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
                        StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers.loaders.single_file_utils import SingleFileComponentError
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -73,8 +75,11 @@ def load_pipeline(path: str | Path, dtype: torch.dtype) -> StableDiffusionPipeli
                 return StableDiffusionPipeline.from_pretrained(p, **common)
             # The .ckpt holds no tokenizer; the empty prompt's ids are known without it (see empty_prompt_ids).
             return StableDiffusionPipeline.from_single_file(str(p), config=str(SD_CONFIGS), tokenizer=None, **common)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"cannot load Stable Diffusion from {p}: {e}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as e:
+        why = str(e).strip().splitlines()[0].rstrip(". ") if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot load Stable Diffusion v1.x from {p}: {why}. Expected a complete diffusers folder or an original "
+            f"checkpoint holding only tensors (.ckpt files are read with weights_only=True); {HOW_TO_GET}.") from None
 
 
 def random_pipeline(spec: Mapping[str, Any], dtype: torch.dtype) -> StableDiffusionPipeline:
@@ -132,6 +137,7 @@ class Diffusion:
         self.defaults = dict(defaults)
         self.embed_dim = embed_dim
         self._uncond: torch.Tensor | None = None
+        self._scheduler_config = pipe.scheduler.config  # the model's own; every sampler is built from it
         pipe.set_progress_bar_config(leave=False)
 
     @classmethod
@@ -174,14 +180,15 @@ class Diffusion:
         """The config defaults with the non-None ``overrides``, validated (`InputError` names the bad one)."""
         s = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
         for key in ("steps", "height", "width", "num_samples", "seed"):
-            if not isinstance(s.get(key), int) or isinstance(s[key], bool):
+            if not isinstance(s.get(key), numbers.Integral) or isinstance(s[key], bool):
                 raise InputError(f"{key} must be an integer, got {s.get(key)!r}")
+            s[key] = int(s[key])
         if s["steps"] < 1 or s["num_samples"] < 1:
             raise InputError(f"steps and num_samples must be >= 1, got {s['steps']} and {s['num_samples']}")
         factor = max(8, self.pipe.vae_scale_factor)
         if s["height"] < factor or s["width"] < factor or s["height"] % factor or s["width"] % factor:
             raise InputError(f"height and width must be positive multiples of {factor}, got {s['height']} x {s['width']}")
-        if not isinstance(s.get("guidance_scale"), (int, float)) or isinstance(s["guidance_scale"], bool):
+        if not isinstance(s.get("guidance_scale"), numbers.Real) or isinstance(s["guidance_scale"], bool):
             raise InputError(f"guidance_scale must be a number, got {s.get('guidance_scale')!r}")
         if s.get("scheduler") not in SCHEDULERS:
             raise InputError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {s.get('scheduler')!r}")
@@ -211,7 +218,7 @@ class Diffusion:
             raise InputError(f"generation embeddings must be [B,77,{self.embed_dim}], got {list(embeds.shape)}")
         cond = embeds.to(self.device, self.dtype)
         uncond = self.uncond_embeddings().expand_as(cond)
-        self.pipe.scheduler = SCHEDULERS[s["scheduler"]](self.pipe.scheduler.config)
+        self.pipe.scheduler = SCHEDULERS[s["scheduler"]](self._scheduler_config)
         latents = self.initial_noise(cond.shape[0], s).to(self.device, self.dtype)
         return self.pipe(
             prompt_embeds=cond, negative_prompt_embeds=uncond, num_images_per_prompt=s["num_samples"],

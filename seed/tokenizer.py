@@ -47,8 +47,6 @@ class Tokenizer(nn.Module):
         ``device``: default CUDA if available, else CPU. ``dtype``: the vision tower's dtype,
         default fp16 on CUDA and fp32 on CPU. A null checkpoint leaves random weights (warned).
         """
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         files = cfg.get("checkpoints") or {}
         paths = {k: files.get(k) for k in ("vision", "qformer", "codebook")}
         # With every weight coming from a file, skip random init: build on meta, load by assignment.
@@ -60,11 +58,7 @@ class Tokenizer(nn.Module):
             "codebook": (paths["codebook"], [(tok.quantizer, quantizer.checkpoint_filter_fn),
                                              (tok.decoder, decoder.checkpoint_filter_fn)]),
         })
-        tok._materialize_buffers()
-        tok.requires_grad_(False).eval()
-        tok.to(device)
-        tok.vision.to(dtype)
-        return tok
+        return tok._ready(device, dtype)
 
     @classmethod
     def from_pretrained(cls, name: str | Path, device: str | torch.device | None = None,
@@ -77,16 +71,10 @@ class Tokenizer(nn.Module):
         """
         folder = hub.find(name)
         cfg = hub.read_config(folder)
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         with torch.device("meta"):
             tok = cls(cfg)
         hub.load_weights(tok, folder)
-        tok._materialize_buffers()
-        tok.requires_grad_(False).eval()
-        tok.to(device)
-        tok.vision.to(dtype)
-        return tok
+        return tok._ready(device, dtype)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``config.yaml`` and ``model.safetensors`` (float32, our key names) into ``folder``.
@@ -94,6 +82,15 @@ class Tokenizer(nn.Module):
         The folder loads by itself with `from_pretrained` (the config's ``checkpoints`` are dropped).
         """
         return hub.save(self, folder)
+
+    def _ready(self, device: str | torch.device | None, dtype: torch.dtype | None) -> Tokenizer:
+        """Fill what a meta build left empty, freeze, eval; move to ``device`` with the ViT in ``dtype``."""
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        self._materialize_buffers()
+        self.requires_grad_(False).eval()
+        self.vision.to(device, dtype)  # cast on the way: no full-precision copy on the GPU
+        return self.to(device)
 
     def _materialize_buffers(self) -> None:
         """Fill the non-persistent buffers (not in any file) of a model built on the meta device."""

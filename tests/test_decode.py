@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import string
 
@@ -91,9 +92,13 @@ def test_seed_determinism(sd_tok, codes):
     assert np.abs(pixels(a) - pixels(c)).mean() > 1
 
 
-def test_codes_condition_the_images(sd_tok, codes):
-    a, b = sd_tok.decode(codes, num_samples=1, **FAST)  # same seed, different codes
-    assert np.abs(pixels(a) - pixels(b)).max() > 0
+def test_embeddings_condition_the_images(sd_tok):
+    # (the tiny random SEED maps most codes to near-identical embeddings, so feed the UNet distinct ones)
+    embeds = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(0))
+    a, b = sd_tok.diffusion.generate(embeds, num_samples=1, **FAST)  # same seed, different conditioning
+    assert np.abs(pixels(a) - pixels(b)).mean() > 1
+    unguided = sd_tok.diffusion.generate(embeds[:1], num_samples=1, guidance_scale=1.0, **FAST)[0]
+    assert np.abs(pixels(a) - pixels(unguided)).mean() > 1
 
 
 @pytest.mark.parametrize("name,cls", [("pndm", PNDMScheduler), ("ddim", DDIMScheduler),
@@ -104,6 +109,7 @@ def test_every_scheduler(sd_tok, codes, name, cls):
     sched = sd_tok.diffusion.pipe.scheduler
     assert type(sched) is cls
     assert sched.config.beta_schedule == "scaled_linear" and sched.config.num_train_timesteps == 1000
+    assert sched.config.steps_offset == 1  # from the model's scheduler config, not the class defaults
     if name == "pndm":
         assert sched.config.skip_prk_steps
     if name == "dpm":
@@ -112,9 +118,10 @@ def test_every_scheduler(sd_tok, codes, name, cls):
 
 
 def test_schedulers_differ(sd_tok, codes):
-    out = {s: pixels(sd_tok.decode(codes[:1], scheduler=s, steps=3, height=32, width=32, num_samples=1)[0])
-           for s in ("pndm", "ddim", "dpm")}
+    run = lambda s: pixels(sd_tok.decode(codes[:1], scheduler=s, steps=3, height=32, width=32, num_samples=1)[0])  # noqa: E731
+    out = {s: run(s) for s in ("pndm", "ddim", "dpm")}
     assert np.abs(out["pndm"] - out["ddim"]).max() > 0 and np.abs(out["ddim"] - out["dpm"]).max() > 0
+    assert np.array_equal(run("pndm"), out["pndm"])  # switching samplers leaves no state behind
 
 
 def test_one_unet_call_per_step_with_batched_guidance(sd_tok, codes):
@@ -172,18 +179,24 @@ def test_encode_only_never_loads_sd(tmp_path, photos):
 
 
 def test_missing_or_incomplete_model(tmp_path, sd_folder):
-    cfg = seed.load_config(TINY)
+    (tmp_path / "empty").mkdir()
     for path in (tmp_path / "sd-v1-4.ckpt", tmp_path / "empty"):
-        (tmp_path / "empty").mkdir(exist_ok=True)
         with pytest.raises(seed.CheckpointError, match="download_weights.py") as e:
             Diffusion.from_config(seed.load_config(TINY, f"diffusion.model={path}"), torch.device("cpu"))
         assert str(path) in str(e.value)
     broken = tmp_path / "broken"
     shutil.copytree(sd_folder, broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(seed.CheckpointError, match=str(broken)):
+    with pytest.raises(seed.CheckpointError, match=re.escape(str(broken))):
         Diffusion.from_config(seed.load_config(TINY, f"diffusion.model={broken}"), torch.device("cpu"))
-    assert cfg.diffusion.model is None
+    for name, data in (("truncated.ckpt", b"not a checkpoint"), ("other.safetensors", None)):
+        path = tmp_path / name
+        if data is None:
+            save_file({"first_stage_model.x": torch.zeros(1)}, path)  # a real file, but not SD
+        else:
+            path.write_bytes(data)
+        with pytest.raises(seed.CheckpointError, match=re.escape(str(path))):
+            Diffusion.from_config(seed.load_config(TINY, f"diffusion.model={path}"), torch.device("cpu"))
 
 
 def test_cross_attention_width_must_match(sd_folder):

@@ -23,26 +23,30 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import seed
+from seed.config import resolve_path
+from seed.diffusion import SD_CONFIGS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 """Dense fp16/bf16 tensor-core peaks (TFLOP/s) for MFU."""
 
 
-def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+def timed(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each ``fns[name]()``, runs interleaved (so drift in machine load hits all alike)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -61,8 +65,8 @@ def bench_encode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
         with torch.inference_mode():
             tok.vision.forward_features(pixels.to(dtype))
 
-    t_vit = timed(bare_vit, device, args.repeats, args.warmup)
-    t_enc = timed(lambda: tok.encode(pixels), device, args.repeats, args.warmup)
+    t = timed({"vit": bare_vit, "encode": lambda: tok.encode(pixels)}, device, args.repeats, args.warmup)
+    t_vit, t_enc = t["vit"], t["encode"]
     out = {
         "encode_images_per_s": args.batch_size / t_enc,
         "encode_s_per_batch": t_enc,
@@ -79,34 +83,58 @@ def bench_encode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
     return out
 
 
+def random_sd_at_real_size(cfg) -> None:
+    """Point ``cfg.diffusion`` at a RANDOM SD v1.4 of the real dimensions when its weights are absent."""
+    if cfg.diffusion.model is None or resolve_path(cfg.diffusion.model).exists():
+        return
+    spec = {}
+    for part in ("unet", "vae", "text_encoder"):
+        config = json.loads((SD_CONFIGS / part / "config.json").read_text())
+        spec[part] = {k: v for k, v in config.items() if not k.startswith("_")}
+    cfg.diffusion.model, cfg.diffusion.random = None, spec
+
+
 def bench_decode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
     """Seconds per image for each sampler and step count (batch of ``--decode-batch`` code rows)."""
     codes = torch.randint(0, tok.cfg.model.codebook.size, (args.decode_batch, 32))
+    tok.diffusion.pipe.set_progress_bar_config(disable=True)
     out = {}
     for spec in args.samplers:
         name, steps = spec.split(":")
         kw = dict(scheduler=name, steps=int(steps), height=args.decode_size, width=args.decode_size, num_samples=1)
-        t = timed(lambda: tok.decode(codes, **kw), device, repeats=1, warmup=1)
+        t = timed({"decode": lambda: tok.decode(codes, **kw)}, device, repeats=1, warmup=1)["decode"]
         out[f"{name}_{steps}_s_per_image"] = t / args.decode_batch
     return out
 
 
 LOAD_SNIPPET = """
-import resource, sys, time, torch, seed
+import sys, time, torch, seed
+
+def peak_rss_gb():  # this process's high-water mark (ru_maxrss would include the parent's, from fork)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 2**20
+
 t = time.perf_counter()
 tok = seed.Tokenizer.from_pretrained(sys.argv[1], device="cpu")
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+load_s, load_rss = time.perf_counter() - t, peak_rss_gb()
+t = time.perf_counter()
+tok.encode(torch.zeros(1, 3, tok.image_size, tok.image_size))
+print(load_s, load_rss, time.perf_counter() - t, peak_rss_gb())
 """
 
 
 def bench_load(tok: seed.Tokenizer) -> dict:
-    """Load time and peak RSS of `Tokenizer.from_pretrained` in a fresh process, vs the weights' size."""
+    """`Tokenizer.from_pretrained` in a fresh process: time and peak RSS, then after a first encode.
+
+    The weights are memory-mapped, so the first encode pages them in; the peak RSS after it
+    should be about one copy of the weights (``weights_gb``), not two.
+    """
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
         weights_gb = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) / 2**30
         res = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, d], capture_output=True, text=True, check=True)
-        load_s, rss_gb = map(float, res.stdout.split()[-2:])
-    return {"load_s": load_s, "load_peak_rss_gb": rss_gb, "weights_gb": weights_gb}
+    load_s, load_rss, first_s, rss = map(float, res.stdout.split()[-4:])
+    return {"load_s": load_s, "load_peak_rss_gb": load_rss, "first_encode_s": first_s,
+            "peak_rss_after_first_encode_gb": rss, "weights_gb": weights_gb}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = seed.load_config(args.config, "checkpoints.vision=null", "checkpoints.qformer=null",
                            "checkpoints.codebook=null", *args.overrides)
+    if args.samplers:
+        random_sd_at_real_size(cfg)
     torch.manual_seed(0)
     tok = seed.Tokenizer.from_config(cfg, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
     if args.compile:

@@ -34,7 +34,7 @@ SD_FILES = [
 ]
 EVA_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
 EVA_FILE = "eva_vit_g.pth"
-SEED1_DRIVE = "https://drive.google.com/drive/folders/1xmVXuttQfBPBOe4ZR96Wu1X34uzPkxsS"
+from seed.checkpoint import SEED1_WEIGHTS_URL as SEED1_DRIVE
 BY_HAND = {
     "causal_qformer.pth": "the SEED-1 causal Q-Former (with ln_vision and the 32 query tokens)",
     "seed_tokenizer.pth": "the SEED-1 codebook, projections and Reverse Q-Former",

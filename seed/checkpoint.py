@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,10 +22,13 @@ from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
+SEED1_WEIGHTS_URL = "https://drive.google.com/drive/folders/1xmVXuttQfBPBOe4ZR96Wu1X34uzPkxsS"
+"""The authors' Google Drive folder with the SEED-1 tokenizer files (linked from AILab-CVC/SEED's SEED-1.md)."""
+
 WHERE_TO_GET = {
     "eva_vit_g.pth": "the BLIP-2 EVA ViT-g file: `python scripts/download_weights.py` fetches it",
-    "causal_qformer.pth": "the SEED-1 release (AILab-CVC/SEED, 'SEED Tokenizer v1'): download it by hand",
-    "seed_tokenizer.pth": "the SEED-1 release (AILab-CVC/SEED, 'SEED Tokenizer v1'): download it by hand",
+    "causal_qformer.pth": f"the SEED-1 release, by hand ({SEED1_WEIGHTS_URL})",
+    "seed_tokenizer.pth": f"the SEED-1 release, by hand ({SEED1_WEIGHTS_URL})",
 }
 
 
@@ -69,36 +73,62 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def rename(state_dict: Mapping[str, torch.Tensor], renames: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Keep the keys that start with one of the original prefixes, renamed to our prefix."""
-    out = {}
-    for key, value in state_dict.items():
-        for old, new in renames:
-            if key.startswith(old):
-                out[new + key[len(old):]] = value
-                break
-    return out
+@dataclass(frozen=True)
+class KeyMap:
+    """How an original checkpoint names a stage's weights: prefix renames, then inner substitutions.
+
+    ``renames``: (original prefix, our prefix) pairs; keys matching none are not this stage's.
+    ``inner``: (original, ours) substrings replaced inside the renamed keys.
+    """
+
+    renames: tuple[tuple[str, str], ...]
+    inner: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Original ``{key: tensor}`` -> this stage's keys (tensors passed through unchanged)."""
+        out = {}
+        for key, value in state_dict.items():
+            for old, new in self.renames:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+                    for a, b in self.inner:
+                        key = key.replace(a, b)
+                    out[key] = value
+                    break
+        return out
+
+    def original(self, key: str) -> str:
+        """Our key -> the name the original file gives it."""
+        for old, new in self.renames:
+            if key.startswith(new):
+                key = old + key[len(new):]
+                for a, b in self.inner:
+                    key = key.replace(b, a)
+                return key
+        return key
 
 
 def assign_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
-                   file_names: Mapping[str, str] | None = None) -> None:
+                   keymap: KeyMap | None = None) -> None:
     """Load ``state_dict`` into ``module`` strictly: every weight must be there with its shape.
 
     Tensors are copied to each parameter's device and dtype; a module built on the meta device
-    takes them by assignment (no second copy). ``source`` names the file(s) in errors, and
-    ``file_names`` (our key -> the file's key) the weights, where the file names them differently.
+    takes them by assignment (no second copy). ``source`` names the file in errors, and ``keymap``
+    gives the file's own names for the weights.
     """
     expected = module.state_dict(keep_vars=True)
     stage = type(module).__name__
-    missing = [f"{k} {tuple(v.shape)}" for k, v in expected.items() if k not in state_dict]
+    def name(k: str) -> str:
+        original = keymap.original(k) if keymap else k
+        return original if original == k else f"{original} (our {k})"
+
+    missing = [f"{name(k)} {tuple(v.shape)}" for k, v in expected.items() if k not in state_dict]
     if missing:
         shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s) the {stage} needs: {shown}. "
                               f"Is it the right file, complete and unmodified?")
-    file_names = file_names or {}
     wrong = [
-        f"{file_names.get(k, k)}{f' (our {k})' if file_names.get(k, k) != k else ''}: file has "
-        f"{tuple(state_dict[k].shape)}, the {stage} needs {tuple(v.shape)}"
+        f"{name(k)}: file has {tuple(state_dict[k].shape)}, the {stage} needs {tuple(v.shape)}"
         for k, v in expected.items()
         if tuple(state_dict[k].shape) != tuple(v.shape)
     ]
@@ -110,11 +140,11 @@ def assign_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], so
     module.load_state_dict(ready, strict=True, assign=on_meta)
 
 
-def load_checkpoints(plan: Mapping[str, tuple[str | Path | None, list[tuple[nn.Module, Callable]]]]) -> None:
+def load_checkpoints(plan: Mapping[str, tuple[str | Path | None, list[tuple[nn.Module, KeyMap]]]]) -> None:
     """Load each original file into the model stages it feeds.
 
-    ``plan``: config name -> (path or None, [(module, checkpoint_filter_fn), ...]); each filter maps
-    the file's original keys to its module's keys. None leaves those stages randomly initialised,
+    ``plan``: config name -> (path or None, [(module, keymap), ...]); each keymap maps the file's
+    original keys to its module's keys (a module takes the mapped keys it has). None leaves those stages randomly initialised,
     with a warning. Keys no stage uses (training-only) are skipped and counted in one log line.
     """
     for name, (path, stages) in plan.items():
@@ -122,13 +152,12 @@ def load_checkpoints(plan: Mapping[str, tuple[str | Path | None, list[tuple[nn.M
             logger.warning("checkpoints.%s is null: those weights are RANDOM", name)
             continue
         state_dict = read_state_dict(path)
-        file_key = {id(v): k for k, v in state_dict.items()}  # filters pass tensors through unchanged
         used: set[int] = set()
-        for module, filter_fn in stages:
+        for module, keymap in stages:
             wanted = module.state_dict().keys()
-            sd = {k: v for k, v in filter_fn(state_dict).items() if k in wanted}
+            sd = {k: v for k, v in keymap(state_dict).items() if k in wanted}
             used.update(id(v) for v in sd.values())
-            assign_weights(module, sd, str(resolve_path(path)), {k: file_key.get(id(v), k) for k, v in sd.items()})
+            assign_weights(module, sd, str(resolve_path(path)), keymap)
         skipped = sum(1 for v in state_dict.values() if id(v) not in used)
         logger.info("%s: loaded %d tensors, skipped %d no part of the model uses", resolve_path(path).name,
                     len(state_dict) - skipped, skipped)

@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .checkpoint import rename
-from .qformer import build_qformer, rename_bert
+from .checkpoint import KeyMap
+from .qformer import BERT_INNER, bert_renames, build_qformer
 
 
 class Decoder(nn.Module):
@@ -40,14 +40,15 @@ class Decoder(nn.Module):
         return self.proj(self.qformer(query_embeds=queries, encoder_hidden_states=x).last_hidden_state)
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``seed_tokenizer.pth`` -> `Decoder` keys (the image-side ``pos_embed``/``blocks`` are training-only)."""
-    out = rename(state_dict, [
+checkpoint_filter_fn = KeyMap(
+    (
         ("decode_task_layer.", "up."),
         ("pos_embed_text", "pos_embed"),
         ("blocks_text.", "blocks."),
         ("reverse_tokens", "queries"),
         ("distill_text_proj.", "proj."),
-    ])
-    out.update(rename_bert(state_dict, "Reverse_Qformer", "qformer"))
-    return out
+        *bert_renames("Reverse_Qformer", "qformer"),
+    ),
+    BERT_INNER,
+)
+"""``seed_tokenizer.pth`` -> `Decoder` keys (its image-side ``pos_embed``/``blocks`` are training-only)."""

@@ -158,7 +158,11 @@ class Diffusion:
         else:
             pipe = load_pipeline(d.model, dtype)
         defaults = {k: v for k, v in d.items() if k not in ("model", "random")}
-        return cls(pipe.to(device), defaults, int(cfg.model.decoder.output_dim))
+        pipe.to(device)
+        if device.type == "cuda":  # NHWC convolutions use the tensor cores' fast layouts
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        return cls(pipe, defaults, int(cfg.model.decoder.output_dim))
 
     @property
     def device(self) -> torch.device:

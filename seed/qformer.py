@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
+from .checkpoint import KeyMap
+
 
 def build_qformer(q: DictConfig, num_layers: int, encoder_width: int) -> Blip2QFormerModel:
     """A BLIP-2 Q-Former: BERT-base shaped, cross-attention every ``q.cross_attention_every`` layers."""
@@ -30,24 +32,18 @@ def build_qformer(q: DictConfig, num_layers: int, encoder_width: int) -> Blip2QF
     return Blip2QFormerModel(config)
 
 
-def bert_renames(original: str, ours: str) -> list[tuple[str, str]]:
-    """Prefix renames from a LAVIS BERT Q-Former (``<original>.bert.*``) to ``Blip2QFormerModel``."""
-    return [(f"{original}.bert.embeddings.LayerNorm.", f"{ours}.layernorm."), (f"{original}.bert.encoder.", f"{ours}.encoder.")]
+def bert_renames(original: str, ours: str) -> tuple[tuple[str, str], ...]:
+    """Prefix renames from a LAVIS BERT Q-Former (``<original>.bert.*``) onto ``Blip2QFormerModel``.
 
-
-def rename_bert(state_dict: dict[str, torch.Tensor], original: str, ours: str) -> dict[str, torch.Tensor]:
-    """Keep ``<original>.bert.*`` query-branch keys, renamed onto ``Blip2QFormerModel`` under ``ours``.
-
-    The text branch (word/position embeddings, ``intermediate``/``output``) is not kept.
+    Only the query branch is mapped; the text branch (word/position embeddings, ``intermediate``,
+    ``output``) has no counterpart and is skipped.
     """
-    out = {}
-    for key, value in state_dict.items():
-        for old, new in bert_renames(original, ours):
-            if key.startswith(old):
-                rest = key[len(old):].replace(".attention.self.", ".attention.attention.")
-                rest = rest.replace(".crossattention.self.", ".crossattention.attention.")
-                out[new + rest] = value
-    return out
+    return ((f"{original}.bert.embeddings.LayerNorm.", f"{ours}.layernorm."),
+            (f"{original}.bert.encoder.", f"{ours}.encoder."))
+
+
+BERT_INNER = ((".attention.self.", ".attention.attention."), (".crossattention.self.", ".crossattention.attention."))
+"""LAVIS ``attention.self`` is transformers' ``attention.attention``."""
 
 
 class CausalQFormer(nn.Module):
@@ -84,8 +80,8 @@ class CausalQFormer(nn.Module):
         ).last_hidden_state
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``causal_qformer.pth`` -> `CausalQFormer` keys (``ln_vision``, ``query_tokens``, ``Qformer.bert``)."""
-    out = {k: v for k, v in state_dict.items() if k.startswith(("ln_vision.", "query_tokens"))}
-    out.update(rename_bert(state_dict, "Qformer", "qformer"))
-    return out
+checkpoint_filter_fn = KeyMap(
+    (("ln_vision.", "ln_vision."), ("query_tokens", "query_tokens"), *bert_renames("Qformer", "qformer")),
+    BERT_INNER,
+)
+"""``causal_qformer.pth`` (``ln_vision``, ``query_tokens``, ``Qformer.bert``) -> `CausalQFormer` keys."""

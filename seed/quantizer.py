@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from .checkpoint import rename
+from .checkpoint import KeyMap
 
 
 class Quantizer(nn.Module):
@@ -32,9 +32,8 @@ class Quantizer(nn.Module):
         return dist.argmin(-1)
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``seed_tokenizer.pth`` -> `Quantizer` keys."""
-    return rename(state_dict, [("encode_task_layer.", "down."), ("quantize.embedding.", "codebook.")])
+checkpoint_filter_fn = KeyMap((("encode_task_layer.", "down."), ("quantize.embedding.", "codebook.")))
+"""``seed_tokenizer.pth`` -> `Quantizer` keys."""
 
 
 def check_codes(codes, codebook_size: int, length: int = 32) -> torch.Tensor:

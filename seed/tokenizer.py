@@ -53,7 +53,7 @@ class Tokenizer(nn.Module):
         with torch.device("meta" if all(paths.values()) else "cpu"):
             tok = cls(cfg)
         load_checkpoints({
-            "vision": (paths["vision"], [(tok.vision, lambda sd: vision.checkpoint_filter_fn(sd, tok.vision))]),
+            "vision": (paths["vision"], [(tok.vision, vision.checkpoint_filter_fn)]),
             "qformer": (paths["qformer"], [(tok.qformer, qformer.checkpoint_filter_fn)]),
             "codebook": (paths["codebook"], [(tok.quantizer, quantizer.checkpoint_filter_fn),
                                              (tok.decoder, decoder.checkpoint_filter_fn)]),

@@ -9,6 +9,8 @@ from omegaconf import DictConfig
 from timm.models.eva import Eva
 from torch import nn
 
+from .checkpoint import KeyMap
+
 
 def build_vision_tower(model_cfg: DictConfig) -> Eva:
     """The vision tower: images [B,3,S,S] -> ``forward_features`` -> tokens [B,1+(S/p)^2,width].
@@ -33,10 +35,6 @@ def build_vision_tower(model_cfg: DictConfig) -> Eva:
     )
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Eva) -> dict[str, torch.Tensor]:
-    """``eva_vit_g.pth`` (bare EVA keys) -> our keys: the same names, blocks past ``depth`` dropped.
-
-    BLIP-2 builds the 40-block EVA and drops its last block; the file may still hold it.
-    """
-    wanted = model.state_dict().keys()
-    return {k: v for k, v in state_dict.items() if k in wanted}
+checkpoint_filter_fn = KeyMap((("", ""),))
+"""``eva_vit_g.pth`` holds bare EVA keys, our names too. BLIP-2 builds the 40-block EVA and drops
+its last block; blocks past ``depth`` in the file are skipped (the model has no such keys)."""

@@ -43,7 +43,7 @@ def test_good_copies_load(parity_cfg, parity_tok, original, tmp_path):
 
 
 @pytest.mark.parametrize("name, where", [
-    ("seed_tokenizer.pth", "AILab-CVC/SEED"),
+    ("seed_tokenizer.pth", "drive.google.com"),
     ("eva_vit_g.pth", "scripts/download_weights.py"),
     ("mine.safetensors", "pretrained/README.md"),
 ])
@@ -97,7 +97,16 @@ def test_absent_weight_is_named(parity_cfg, original, tmp_path):
         build(parity_cfg, codebook=path)
     msg = str(err.value)
     assert str(path) in msg and "1 weight(s)" in msg and "Quantizer" in msg
-    assert "codebook.weight (8192, 32)" in msg  # our name and the shape it must have
+    # the file's own name for it, ours, and the shape it must have
+    assert "quantize.embedding.weight (our codebook.weight) (8192, 32)" in msg
+    # a Reverse Q-Former weight is named as the file names it too
+    sd = dict(original["model"])
+    del sd["Reverse_Qformer.bert.encoder.layer.2.crossattention.self.key.weight"]
+    torch.save({"model": sd}, path)
+    with pytest.raises(seed.CheckpointError, match=r"Reverse_Qformer\.bert\.encoder\.layer\.2\.crossattention\.self"
+                                                   r"\.key\.weight \(our qformer\.encoder\.layer\.2\.crossattention"
+                                                   r"\.attention\.key\.weight\)"):
+        build(parity_cfg, codebook=path)
 
     # the wrong file given for a stage: every weight is absent; the message stays short
     with pytest.raises(seed.CheckpointError, match=r"lacks \d+ weight\(s\) the Eva needs: cls_token .*more\)"):

@@ -73,6 +73,12 @@ def bench_encode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
         "vit_s_per_batch": t_vit,
         "encode_over_vit": t_enc / t_vit,
     }
+    if dtype != torch.float32:  # how many codes the low-precision tower changes (same weights in fp32)
+        low = tok.encode(pixels)
+        tok.vision.float()
+        ref = tok.encode(pixels)
+        tok.vision.to(dtype)
+        out["codes_equal_vs_fp32"] = (low == ref).float().mean().item()
     if device.type == "cuda":
         with FlopCounterMode(display=False) as fc, torch.inference_mode():
             tok.encode(pixels)

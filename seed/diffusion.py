@@ -83,12 +83,12 @@ def load_pipeline(path: str | Path, dtype: torch.dtype) -> StableDiffusionPipeli
 
 
 def random_pipeline(spec: Mapping[str, Any], dtype: torch.dtype) -> StableDiffusionPipeline:
-    """A tiny SD with RANDOM weights from ``spec`` (kwargs of the unet, vae and text_encoder classes).
+    """An SD with RANDOM weights from ``spec`` (kwargs of the unet, vae and text_encoder classes).
 
     Initialised from a fixed seed, so every run builds the same model. For smoke runs and tests only:
     its images are noise. The scheduler is SD v1.4's.
     """
-    logger.warning("diffusion.model is null: Stable Diffusion is a tiny model with RANDOM weights, "
+    logger.warning("diffusion.model is null: Stable Diffusion is built from diffusion.random with RANDOM weights, "
                    "its images are noise (smoke runs only)")
     spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
     with torch.random.fork_rng(devices=[]):

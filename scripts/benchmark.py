@@ -168,7 +168,6 @@ def main(argv: list[str] | None = None) -> None:
                            "checkpoints.codebook=null", *args.overrides)
     if args.samplers:
         random_sd_at_real_size(cfg)
-    torch.manual_seed(0)
     tok = seed.Tokenizer.from_config(cfg, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
     if args.compile:
         tok.compile_vision()

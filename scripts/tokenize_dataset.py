@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device("cpu")
 
     cfg = seed.load_config(args.config, *args.overrides)
-    torch.manual_seed(0)  # a null checkpoint gives the same random weights on every rank and every rerun
     tok = seed.Tokenizer.from_config(cfg, device=device)
     items = discover(args.input)
     if rank == 0:

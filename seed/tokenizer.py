@@ -45,12 +45,16 @@ class Tokenizer(nn.Module):
         """Build from ``cfg.model``, load ``cfg.checkpoints`` (original SEED-1 files), eval mode.
 
         ``device``: default CUDA if available, else CPU. ``dtype``: the vision tower's dtype,
-        default fp16 on CUDA and fp32 on CPU. A null checkpoint leaves random weights (warned).
+        default fp16 on CUDA and fp32 on CPU. A null checkpoint leaves random weights (warned),
+        drawn from a fixed seed.
         """
         files = cfg.get("checkpoints") or {}
         paths = {k: files.get(k) for k in ("vision", "qformer", "codebook")}
         # With every weight coming from a file, skip random init: build on meta, load by assignment.
-        with torch.device("meta" if all(paths.values()) else "cpu"):
+        # Otherwise the random weights come from a fixed seed: the same config gives the same model
+        # in every process (ranks of a dataset run, reruns, tests).
+        with torch.device("meta" if all(paths.values()) else "cpu"), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             tok = cls(cfg)
         load_checkpoints({
             "vision": (paths["vision"], [(tok.vision, vision.checkpoint_filter_fn)]),

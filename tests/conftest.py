@@ -66,7 +66,6 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_tok(tiny_cfg):
-    torch.manual_seed(0)
     return seed.Tokenizer.from_config(tiny_cfg, device="cpu")
 
 

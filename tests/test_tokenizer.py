@@ -103,3 +103,13 @@ def test_real_config_dimensions():
     assert tok.decoder.proj.out_features == 768
     n_vit = sum(p.numel() for p in tok.vision.parameters())
     assert 0.98e9 < n_vit < 1.0e9  # EVA ViT-g/14 minus its last block
+
+
+def test_random_weights_are_the_same_for_the_same_config(tiny_cfg, tiny_tok):
+    torch.manual_seed(5)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(5)
+    again = seed.Tokenizer.from_config(tiny_cfg, device="cpu")
+    assert torch.equal(torch.rand(3), expected_draw), "building a model must not move the global RNG"
+    for (name, a), b in zip(tiny_tok.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -33,7 +35,9 @@ def test_matches_original_outputs(fixture):
 
 
 def test_parity_fixture_present():
-    assert FIXTURES, f"no parity fixture under {PARITY.parent}"
+    if not FIXTURES and not os.environ.get("CI"):
+        pytest.skip(f"no parity fixture under {PARITY.parent} (CI requires one)")
+    assert FIXTURES, f"no parity fixture under {PARITY.parent}: parity with the original is unproven"
 
 
 def test_codes_are_causal(tiny_cfg):

@@ -63,7 +63,7 @@ def bench_encode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
 
     def bare_vit():
         with torch.inference_mode():
-            tok.vision.forward_features(pixels.to(dtype))
+            tok.vision(pixels.to(dtype))
 
     t = timed({"vit": bare_vit, "encode": lambda: tok.encode(pixels)}, device, args.repeats, args.warmup)
     t_vit, t_enc = t["vit"], t["encode"]

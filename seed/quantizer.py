@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .checkpoint import KeyMap
+from .errors import InputError
 
 
 class Quantizer(nn.Module):
@@ -42,8 +43,6 @@ def check_codes(codes, codebook_size: int, length: int = 32) -> torch.Tensor:
     Accepts tensors, numpy arrays and (nested) lists. Raises `InputError` when they are not
     integers, not ``length`` per row, or outside ``[0, codebook_size)``.
     """
-    from .errors import InputError
-
     if not isinstance(codes, torch.Tensor):
         try:
             codes = torch.as_tensor(codes)

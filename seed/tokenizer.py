@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
@@ -12,7 +13,13 @@ from torch import nn
 
 from . import decoder, hub, qformer, quantizer, vision
 from .checkpoint import load_checkpoints
+from .errors import InputError
 from .images import ImageInput, check_pixel_values, load_batch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .diffusion import Diffusion
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +139,7 @@ class Tokenizer(nn.Module):
     @torch.inference_mode()
     def causal_embeddings(self, images: Images) -> torch.Tensor:
         """The causal Q-Former output, float32 [B,32,hidden] (query i depends on queries 0..i only)."""
-        return self.qformer(self.vision.forward_features(self.pixel_values(images)))
+        return self.qformer(self.vision(self.pixel_values(images)))
 
     @torch.inference_mode()
     def encode(self, images: Images) -> torch.Tensor:
@@ -140,23 +147,24 @@ class Tokenizer(nn.Module):
         return self.quantizer(self.causal_embeddings(images))
 
     @torch.inference_mode()
-    def embed(self, codes) -> torch.Tensor:
+    def embed(self, codes: torch.Tensor | Sequence) -> torch.Tensor:
         """Codes [B,32] (or one sequence of 32) -> generation embeddings float32 [B,77,output_dim]."""
         codes = quantizer.check_codes(codes, self.quantizer.codebook.num_embeddings, self.cfg.model.qformer.num_queries)
         return self.decoder(self.quantizer.codebook(codes.to(self.device)))
 
     @property
-    def diffusion(self):
+    def diffusion(self) -> Diffusion:
         """The SD v1.4 model (`seed.diffusion.Diffusion`), loaded from ``cfg.diffusion`` on first use."""
         if getattr(self, "_diffusion", None) is None:
-            from .diffusion import Diffusion
+            from .diffusion import Diffusion  # diffusers is imported only when decoding
 
             self._diffusion = Diffusion.from_config(self.cfg, self.device)
         return self._diffusion
 
-    def decode(self, codes, *, steps: int | None = None, num_inference_steps: int | None = None,
+    def decode(self, codes: torch.Tensor | Sequence, *, steps: int | None = None, num_inference_steps: int | None = None,
                guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-               num_samples: int | None = None, seed: int | None = None, scheduler: str | None = None) -> list:
+               num_samples: int | None = None, seed: int | None = None,
+               scheduler: str | None = None) -> list[Image.Image]:
         """Codes [B,32] (or one sequence of 32) -> B x num_samples PIL RGB images, grouped per sequence.
 
         Images ``b*num_samples .. (b+1)*num_samples - 1`` come from ``codes[b]``. Each setting left
@@ -164,8 +172,6 @@ class Tokenizer(nn.Module):
         ``scheduler``: "pndm" (PLMS, the original), "ddim" or "dpm" (DPM-Solver++). The same seed
         gives the same pixels for a code sequence, whatever else is in the batch.
         """
-        from .errors import InputError
-
         if steps is not None and num_inference_steps is not None and steps != num_inference_steps:
             raise InputError(f"steps={steps} and num_inference_steps={num_inference_steps} disagree (same setting)")
         embeds = self.embed(codes)
@@ -173,6 +179,6 @@ class Tokenizer(nn.Module):
                                        guidance_scale=guidance_scale, height=height, width=width,
                                        num_samples=num_samples, seed=seed, scheduler=scheduler)
 
-    def reconstruct(self, images: Images, **settings) -> list:
+    def reconstruct(self, images: Images, **settings) -> list[Image.Image]:
         """Images -> codes -> B x num_samples PIL images: `encode` then `decode` (same ``settings``)."""
         return self.decode(self.encode(images), **settings)

@@ -13,7 +13,7 @@ from .checkpoint import KeyMap
 
 
 def build_vision_tower(model_cfg: DictConfig) -> Eva:
-    """The vision tower: images [B,3,S,S] -> ``forward_features`` -> tokens [B,1+(S/p)^2,width].
+    """The vision tower: images [B,3,S,S] -> all tokens [B,1+(S/p)^2,width] (no pooling, no head).
 
     Pre-norm blocks, q/v biases (no k bias), exact GELU, class token, learned absolute
     positions, no final norm (all tokens leave the last block as they are).

@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_config(path: str | Path, *overrides: str) -> DictConfig:
     """Load a YAML config and apply dotlist overrides such as ``"model.image_size=56"``.
 
-    ``path`` is a file, or the name of a config shipped in ``configs/`` (``"seed_tiny"``).
+    ``path`` is a file (a relative one is looked up here, then in the project folder), or the
+    name of a config shipped in ``configs/`` (``"seed_tiny"``).
     Overrides may add keys; ``null`` sets a value to None.
     """
-    p = Path(path)
+    p = resolve_path(path)
     if not p.is_file() and not p.suffix:
         shipped = ROOT / "configs" / f"{p}.yaml"
         p = shipped if shipped.is_file() else p

@@ -161,10 +161,10 @@ class Tokenizer(nn.Module):
             self._diffusion = Diffusion.from_config(self.cfg, self.device)
         return self._diffusion
 
-    def decode(self, codes: torch.Tensor | Sequence, *, steps: int | None = None, num_inference_steps: int | None = None,
-               guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-               num_samples: int | None = None, seed: int | None = None,
-               scheduler: str | None = None) -> list[Image.Image]:
+    def decode(self, codes: torch.Tensor | Sequence, *, steps: int | None = None,
+               num_inference_steps: int | None = None, guidance_scale: float | None = None,
+               height: int | None = None, width: int | None = None, num_samples: int | None = None,
+               seed: int | None = None, scheduler: str | None = None) -> list[Image.Image]:
         """Codes [B,32] (or one sequence of 32) -> B x num_samples PIL RGB images, grouped per sequence.
 
         Images ``b*num_samples .. (b+1)*num_samples - 1`` come from ``codes[b]``. Each setting left

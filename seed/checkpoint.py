@@ -55,7 +55,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except pickle.UnpicklingError as e:
-        # torch's message suggests weights_only=False; keep only the line that says what was refused
+        # torch's message suggests turning weights_only off; keep only the line that says what was refused
         why = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         why = why.strip().split(". ")[0]
         raise CheckpointError(

@@ -23,9 +23,9 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
 import seed
+from seed.dataset import IMAGE_EXTENSIONS, is_image_name
 from seed.images import open_image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TILE = 256
 
 
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     folder = Path(args.images)
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    paths = sorted(p for p in folder.iterdir() if is_image_name(p.name)) if folder.is_dir() else []
     if not paths:
-        print(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}", file=sys.stderr)
+        print(f"error: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}", file=sys.stderr)
         return 1
     device = torch.device(args.device) if args.device else seed.tokenizer.default_device()
     clip, processor = load_clip(args.clip, args.allow_download, device)

@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .config import resolve_path
 from .errors import CheckpointError, InputError
+from .tokenizer import default_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class Diffusion:
         d = cfg.get("diffusion")
         if d is None:
             raise CheckpointError("the config has no `diffusion` section: decoding needs Stable Diffusion v1.4")
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        dtype = dtype or default_dtype(device)
         if d.get("model") is None:
             if d.get("random") is None:
                 raise CheckpointError("diffusion.model is null and there is no diffusion.random spec to build "

@@ -15,6 +15,7 @@ from typing import IO, Union
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import functional as TF
 
 from .errors import InputError
 
@@ -105,11 +106,8 @@ def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
 
 def preprocess_image(img: Image.Image, size: int) -> torch.Tensor:
     """An RGB PIL image -> float32 [3,size,size]: bicubic resize (no crop), /255, CLIP normalize."""
-    img = img.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    x = TF.pil_to_tensor(img.resize((size, size), Image.BICUBIC)).float().div_(255)
+    return TF.normalize(x, CLIP_MEAN, CLIP_STD)
 
 
 def load_batch(images: ImageInput | Sequence[ImageInput], size: int) -> torch.Tensor:

@@ -31,6 +31,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (the vision tower, as BLIP-2 ran it; Stable Diffusion), fp32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 class Tokenizer(nn.Module):
     """SEED-1: image -> vision tower -> causal Q-Former -> 32 codes -> generation embeddings.
 
@@ -97,7 +102,7 @@ class Tokenizer(nn.Module):
     def _ready(self, device: str | torch.device | None, dtype: torch.dtype | None) -> Tokenizer:
         """Fill what a meta build left empty, freeze, eval; move to ``device`` with the ViT in ``dtype``."""
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        dtype = dtype or default_dtype(device)
         self._materialize_buffers()
         self.requires_grad_(False).eval()
         self.vision.to(device, dtype)  # cast on the way: no full-precision copy on the GPU

@@ -11,10 +11,17 @@ import torch
 import seed
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-PARITY = SHARED / "parity" / "seed1-tiny"
+DATA = ROOT / "tests" / "data"
+PARITY_ROOT = DATA / "parity"
+"""One folder per kind (seed1, seed2, training); each fixture folder under it is drop-in."""
+PARITY = PARITY_ROOT / "seed1" / "seed1-tiny"
 TINY = ROOT / "configs" / "seed_tiny.yaml"
-PHOTOS = sorted((ROOT / "assets").glob("*.png"))
+PHOTOS = sorted((DATA / "images").glob("*.png"))
+
+
+def fixtures(kind: str) -> list[Path]:
+    """Every fixture folder of a kind (``tests/data/parity/<kind>/*`` holding a spec.json)."""
+    return sorted(p for p in (PARITY_ROOT / kind).glob("*") if (p / "spec.json").is_file())
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -44,8 +51,6 @@ def parity_overrides(fixture: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def parity_cfg():
-    if not PARITY.is_dir():
-        pytest.skip(f"parity fixture not found at {PARITY}")
     return seed.load_config(TINY, *parity_overrides(PARITY))
 
 

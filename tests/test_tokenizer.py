@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 from PIL import Image
 
 import seed
-from conftest import PARITY, TINY, parity_overrides
+from conftest import PARITY, TINY, fixtures, parity_overrides
 
-FIXTURES = sorted(p for p in PARITY.parent.glob("*") if (p / "spec.json").is_file()) if PARITY.parent.is_dir() else []
+FIXTURES = fixtures("seed1")
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
@@ -35,8 +34,6 @@ def test_matches_original_outputs(fixture):
 
 
 def test_parity_fixture_present():
-    if not FIXTURES and not os.environ.get("CI"):
-        pytest.skip(f"no parity fixture under {PARITY.parent} (CI requires one)")
     assert FIXTURES, f"no parity fixture under {PARITY.parent}: parity with the original is unproven"
 
 

@@ -24,7 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .config import resolve_path
 from .errors import CheckpointError, InputError
-from .tokenizer import default_dtype
+from .device import default_dtype
 
 logger = logging.getLogger(__name__)
 

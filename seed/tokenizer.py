@@ -13,6 +13,7 @@ from torch import nn
 
 from . import decoder, hub, qformer, quantizer, vision
 from .checkpoint import load_checkpoints
+from .device import default_device, default_dtype
 from .errors import InputError
 from .images import ImageInput, check_pixel_values, load_batch
 
@@ -25,15 +26,6 @@ logger = logging.getLogger(__name__)
 
 Images = ImageInput | Sequence[ImageInput] | torch.Tensor
 """Images (see `seed.images.ImageInput`), a list of them, or preprocessed pixels [B,3,S,S]."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (the vision tower, as BLIP-2 ran it; Stable Diffusion), fp32 elsewhere."""
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 class Tokenizer(nn.Module):

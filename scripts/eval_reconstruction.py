@@ -24,6 +24,7 @@ from transformers import CLIPImageProcessor, CLIPModel
 
 import seed
 from seed.dataset import IMAGE_EXTENSIONS, is_image_name
+from seed.device import default_device
 from seed.images import open_image
 
 TILE = 256
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(f"error: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}", file=sys.stderr)
         return 1
-    device = torch.device(args.device) if args.device else seed.device.default_device()
+    device = torch.device(args.device) if args.device else default_device()
     clip, processor = load_clip(args.clip, args.allow_download, device)
     try:
         tok = seed.Tokenizer.from_config(seed.load_config(args.config, *args.overrides), device=device)

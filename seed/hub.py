@@ -33,7 +33,10 @@ HUB_TIMEOUT_S = 5.0
 def save(tok: nn.Module, folder: str | Path) -> Path:
     """Write ``config.yaml`` and ``model.safetensors`` for ``tok`` into ``folder`` (created).
 
-    Floating-point weights are stored as float32 (a fp16 vision tower on CUDA is widened back).
+    Each weight is stored in the dtype it has in memory, so nothing is silently rounded or passed
+    off as more precise than it is: a vision tower loaded in fp16 (the CUDA default) is saved in
+    fp16, with a warning saying so. Load the original files with ``dtype=torch.float32`` to save
+    full precision. `from_pretrained` reads either.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -42,8 +45,14 @@ def save(tok: nn.Module, folder: str | Path) -> Path:
     state = {}
     for stage in STAGES:
         for key, value in getattr(tok, stage).state_dict().items():
-            value = value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype)
-            state[f"{stage}.{key}"] = value.contiguous()
+            state[f"{stage}.{key}"] = value.detach().to("cpu").contiguous()
+    narrow = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()
+                     if v.is_floating_point() and v.dtype != torch.float32})
+    if narrow:
+        n = sum(1 for v in state.values() if v.is_floating_point() and v.dtype != torch.float32)
+        logger.warning("save_pretrained: %d weight tensors are saved in %s, the precision they have in memory "
+                       "(not the float32 of the original files); build with dtype=torch.float32 to save full "
+                       "precision", n, "/".join(narrow))
     save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     OmegaConf.save(OmegaConf.create(cfg), folder / CONFIG_NAME)
     logger.info("saved %d tensors and the config to %s", len(state), folder)

@@ -71,43 +71,43 @@ BAD = {  # file -> what the message must say
 
 
 @pytest.mark.parametrize("name", BAD)
-def test_bad_file_raises_input_error_naming_it(tiny_tok, files, name):
+def test_bad_file_raises_input_error_naming_it(parity_tok, files, name):
     path = files[name]
     with pytest.raises(seed.InputError, match=BAD[name]) as err:
-        tiny_tok.encode(path)
+        parity_tok.encode(path)
     assert str(path) in str(err.value)
     with pytest.raises(seed.InputError, match=BAD[name]):
-        tiny_tok.encode(str(path))
+        parity_tok.encode(str(path))
 
 
 @pytest.mark.parametrize("name", ["empty.png", "truncated good.png", "truncated good.jpg", "text.jpg", "bomb.png"])
-def test_bad_bytes_and_file_objects_raise_input_error(tiny_tok, files, name):
+def test_bad_bytes_and_file_objects_raise_input_error(parity_tok, files, name):
     data = files[name].read_bytes()
     for src in (data, bytearray(data), memoryview(data)):
         with pytest.raises(seed.InputError, match=BAD[name]):
-            tiny_tok.encode(src)
+            parity_tok.encode(src)
     stream_match = "not an image" if name == "empty.png" else BAD[name]  # a stream's size is not known
     with pytest.raises(seed.InputError, match=stream_match):
-        tiny_tok.encode(io.BytesIO(data))
+        parity_tok.encode(io.BytesIO(data))
     with open(files[name], "rb") as f, pytest.raises(seed.InputError, match=stream_match) as err:
-        tiny_tok.encode(f)
+        parity_tok.encode(f)
     assert str(files[name]) in str(err.value)  # a real file object is named by its path
 
 
-def test_good_bytes_and_file_objects_give_the_path_codes(tiny_tok, files):
+def test_good_bytes_and_file_objects_give_the_path_codes(parity_tok, files):
     for name in ("good.png", "good.jpg"):
         path = files[name]
         data = path.read_bytes()
         with open(path, "rb") as f:
-            codes = tiny_tok.encode([path, data, bytearray(data), memoryview(data), io.BytesIO(data), f,
+            codes = parity_tok.encode([path, data, bytearray(data), memoryview(data), io.BytesIO(data), f,
                                      Image.open(path)])
         assert all(torch.equal(row, codes[0]) for row in codes[1:]), name
 
 
-def test_lazily_opened_truncated_pil_image_raises_input_error(tiny_tok, files):
+def test_lazily_opened_truncated_pil_image_raises_input_error(parity_tok, files):
     img = Image.open(files["truncated good.png"])  # opening reads only the header: this succeeds
     with pytest.raises(seed.InputError, match="truncated"):
-        tiny_tok.encode(img)
+        parity_tok.encode(img)
 
 
 def test_bomb_fails_before_allocating(files):
@@ -120,25 +120,25 @@ def test_bomb_fails_before_allocating(files):
     assert grown_mib < 500, f"peak memory grew by {grown_mib:.0f} MiB; decoding would need 4.8 GB"
 
 
-def test_one_bad_item_fails_the_batch_naming_position_and_path(tiny_tok, files):
+def test_one_bad_item_fails_the_batch_naming_position_and_path(parity_tok, files):
     good, bad = files["good.png"], files["truncated good.jpg"]
     with pytest.raises(seed.InputError) as err:
-        tiny_tok.encode([good, good, bad, good])
+        parity_tok.encode([good, good, bad, good])
     msg = str(err.value)
     assert "image 2 of 4" in msg and str(bad) in msg and "truncated" in msg
     with pytest.raises(seed.InputError, match="image 1 of 2"):
-        tiny_tok.preprocess([good, files["text.jpg"].read_bytes()])
+        parity_tok.preprocess([good, files["text.jpg"].read_bytes()])
     with pytest.raises(seed.InputError, match="image 0 of 1"):
-        tiny_tok.encode([42])
+        parity_tok.encode([42])
     with pytest.raises(seed.InputError, match="empty list"):
-        tiny_tok.encode([])
+        parity_tok.encode([])
 
 
 def _pixels(src) -> np.ndarray:
     return np.asarray(open_image(src))
 
 
-def test_every_pillow_mode_gives_codes(tiny_tok, tmp_path):
+def test_every_pillow_mode_gives_codes(parity_tok, tmp_path):
     photo = Image.open(CHELSEA).convert("RGB")
     paths = []
     for mode in Image.MODES:  # 1 CMYK F HSV I I;16 I;16B I;16L I;16N L LA La LAB P PA RGB RGBA RGBa RGBX YCbCr
@@ -153,7 +153,7 @@ def test_every_pillow_mode_gives_codes(tiny_tok, tmp_path):
             paths.append(path)
         else:  # modes no common format stores: as PIL images
             paths.append(img)
-    codes = tiny_tok.encode(paths)
+    codes = parity_tok.encode(paths)
     assert codes.shape == (len(paths), 32) and codes.dtype == torch.int64
     assert ((codes >= 0) & (codes < 8192)).all()
     # the modes that hold the photo losslessly give its exact pixels
@@ -165,18 +165,18 @@ def test_every_pillow_mode_gives_codes(tiny_tok, tmp_path):
         assert np.array_equal(_pixels(paths[Image.MODES.index(mode)]), gray), mode
 
 
-def test_tiny_and_huge_images(tiny_tok, tmp_path):
+def test_tiny_and_huge_images(parity_tok, tmp_path):
     one = [Image.new("RGB", (1, 1), (200, 30, 40)), Image.new("L", (1, 1), 7), Image.new("RGBA", (1, 1)),
            Image.new("RGB", (1, 3000), (1, 2, 3))]
     one[0].save(tmp_path / "1x1.png")
-    codes = tiny_tok.encode([tmp_path / "1x1.png", *one])
+    codes = parity_tok.encode([tmp_path / "1x1.png", *one])
     assert codes.shape == (5, 32)
     assert torch.equal(codes[0], codes[1])
     # huge but under Pillow's limit (24 Mpx; the limit is ~89 Mpx)
     g = Image.linear_gradient("L").resize((6000, 4000))
     Image.merge("RGB", [g, g.transpose(Image.Transpose.FLIP_LEFT_RIGHT), g.rotate(180)]).save(
         tmp_path / "huge.png", compress_level=1)
-    assert tiny_tok.encode(tmp_path / "huge.png").shape == (1, 32)
+    assert parity_tok.encode(tmp_path / "huge.png").shape == (1, 32)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def gray(tmp_path_factory) -> tuple[Path, np.ndarray]:
     return path, np.asarray(Image.open(path))
 
 
-def test_16_bit_image_gives_the_codes_of_its_8_bit_twin(tiny_tok, gray, tmp_path):
+def test_16_bit_image_gives_the_codes_of_its_8_bit_twin(parity_tok, gray, tmp_path):
     path8, v = gray
     path16 = tmp_path / "gray16.png"
     Image.fromarray(v.astype(np.uint16) * 257).save(path16)
@@ -198,11 +198,11 @@ def test_16_bit_image_gives_the_codes_of_its_8_bit_twin(tiny_tok, gray, tmp_path
     Image.fromarray(v.astype(np.int32) * 257).save(path32)
     assert Image.open(path32).mode == "I"
     assert np.array_equal(_pixels(path32), _pixels(path8))
-    codes = tiny_tok.encode([path8, path16, path32])
+    codes = parity_tok.encode([path8, path16, path32])
     assert torch.equal(codes[1], codes[0]) and torch.equal(codes[2], codes[0])
 
 
-def test_float_image_gives_the_codes_of_its_8_bit_twin(tiny_tok, gray, tmp_path):
+def test_float_image_gives_the_codes_of_its_8_bit_twin(parity_tok, gray, tmp_path):
     path8, v = gray
     unit, full = tmp_path / "unit.tiff", tmp_path / "full.tiff"
     Image.fromarray(v.astype(np.float32) / 255).save(unit)    # [0, 1]
@@ -210,7 +210,7 @@ def test_float_image_gives_the_codes_of_its_8_bit_twin(tiny_tok, gray, tmp_path)
     assert Image.open(unit).mode == "F" and Image.open(full).mode == "F"
     assert np.array_equal(_pixels(unit), _pixels(path8))
     assert np.array_equal(_pixels(full), _pixels(path8))
-    codes = tiny_tok.encode([path8, unit, full])
+    codes = parity_tok.encode([path8, unit, full])
     assert torch.equal(codes[1], codes[0]) and torch.equal(codes[2], codes[0])
     # out of any known range (and with NaN): stretched min..max, still an image
     odd = Image.fromarray((v.astype(np.float32) - 1000) * 3)
@@ -219,7 +219,7 @@ def test_float_image_gives_the_codes_of_its_8_bit_twin(tiny_tok, gray, tmp_path)
     assert px.min() == 0 and px.max() == 255
 
 
-def test_transparent_images_are_composited_on_white(tiny_tok, tmp_path):
+def test_transparent_images_are_composited_on_white(parity_tok, tmp_path):
     rng = np.random.default_rng(0)
     colours = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
     clear = np.dstack([colours, np.zeros((64, 48), np.uint8)])
@@ -232,7 +232,7 @@ def test_transparent_images_are_composited_on_white(tiny_tok, tmp_path):
     white = np.full((64, 48, 3), 255, np.uint8)
     for name in ("clear.png", "clear_la.png", "clear_p.png"):
         assert np.array_equal(_pixels(tmp_path / name), white), name
-    codes = tiny_tok.encode([tmp_path / n for n in ("white.png", "clear.png", "clear_la.png", "clear_p.png")])
+    codes = parity_tok.encode([tmp_path / n for n in ("white.png", "clear.png", "clear_la.png", "clear_p.png")])
     assert all(torch.equal(codes[i], codes[0]) for i in (1, 2, 3))
     # half transparent black over white: mid grey, not black
     half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
@@ -245,22 +245,22 @@ def test_transparent_images_are_composited_on_white(tiny_tok, tmp_path):
     ((1, 4, 56, 56), torch.float32, r"\[B,3,56,56\]"),
     ((1, 1, 3, 56, 56), torch.float32, r"\[B,3,56,56\]"),
     ((0, 3, 56, 56), torch.float32, "empty"),
-    ((1, 3, 56, 56), torch.uint8, "float"),
+    ((1, 3, 56, 56), torch.int16, "uint8"),  # (a uint8 tensor is an image batch)
     ((1, 3, 56, 56), torch.int64, "float"),
 ])
-def test_bad_pixel_tensors(tiny_tok, shape, dtype, match):
+def test_bad_pixel_tensors(parity_tok, shape, dtype, match):
     with pytest.raises(seed.InputError, match=match):
-        tiny_tok.encode(torch.zeros(shape, dtype=dtype))
+        parity_tok.encode(torch.zeros(shape, dtype=dtype))
 
 
-def test_non_finite_pixels_name_their_batch_position(tiny_tok):
+def test_non_finite_pixels_name_their_batch_position(parity_tok):
     x = torch.zeros(3, 3, 56, 56)
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[1, 2, 5, 5] = bad
         with pytest.raises(seed.InputError, match=r"NaN or inf at batch position\(s\) \[1\]"):
-            tiny_tok.encode(y)
-    assert torch.equal(tiny_tok.encode(x[0]), tiny_tok.encode(x[:1]))  # [3,S,S] is a batch of one
+            parity_tok.encode(y)
+    assert torch.equal(parity_tok.encode(x[0]), parity_tok.encode(x[:1]))  # [3,S,S] is a batch of one
 
 
 @pytest.mark.parametrize("codes, match", [
@@ -278,19 +278,19 @@ def test_non_finite_pixels_name_their_batch_position(tiny_tok):
     (["a"] * 32, "rectangular"),
     ([], "empty"),
 ])
-def test_bad_codes(tiny_tok, codes, match):
+def test_bad_codes(parity_tok, codes, match):
     with pytest.raises(seed.InputError, match=match):
-        tiny_tok.embed(codes)
+        parity_tok.embed(codes)
 
 
-def test_codes_one_sequence_and_any_integer_dtype(tiny_tok):
+def test_codes_one_sequence_and_any_integer_dtype(parity_tok):
     codes = torch.tensor([list(range(0, 8192, 256)), list(range(8191, 0, -256)), list(range(32))])
-    batch = tiny_tok.embed(codes)
-    assert torch.equal(tiny_tok.embed(codes[0]), batch[:1])                    # 1-D tensor of 32
-    assert torch.equal(tiny_tok.embed(codes[1].tolist()), batch[1:2])          # list of 32
-    assert torch.equal(tiny_tok.embed(codes.numpy().astype(np.int16)), batch)  # numpy, int16
+    batch = parity_tok.embed(codes)
+    assert torch.equal(parity_tok.embed(codes[0]), batch[:1])                    # 1-D tensor of 32
+    assert torch.equal(parity_tok.embed(codes[1].tolist()), batch[1:2])          # list of 32
+    assert torch.equal(parity_tok.embed(codes.numpy().astype(np.int16)), batch)  # numpy, int16
     small = torch.arange(32, dtype=torch.uint8)  # 8192 does not fit in uint8: must not wrap around
-    assert torch.equal(tiny_tok.embed(small), batch[2:])
+    assert torch.equal(parity_tok.embed(small), batch[2:])
 
 
 SCRIPT = ROOT / "scripts" / "check_image.py"

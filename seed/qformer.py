@@ -10,13 +10,21 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerMultiHeadAttention
 
 from .checkpoint import KeyMap
 
 
-def build_qformer(q: DictConfig, num_layers: int, encoder_width: int) -> Blip2QFormerModel:
-    """A BLIP-2 Q-Former: BERT-base shaped, cross-attention every ``q.cross_attention_every`` layers."""
+def build_qformer(q: DictConfig, num_layers: int, encoder_width: int, *, text_input: bool = False,
+                  dropout: float = 0.0) -> Blip2QFormerModel:
+    """A BLIP-2 Q-Former: BERT-base shaped, cross-attention every ``q.cross_attention_every`` layers.
+
+    ``text_input``: each layer also gets the text FFN (``intermediate``/``output``), for the
+    text-only forward of stage-1 training (``query_length=0``). ``dropout``: hidden and
+    attention dropout in train mode (BERT's 0.1 in training; 0 for inference).
+    """
     config = Blip2QFormerConfig(
+        use_qformer_text_input=text_input,
         hidden_size=q.hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=q.num_heads,
@@ -25,11 +33,20 @@ def build_qformer(q: DictConfig, num_layers: int, encoder_width: int) -> Blip2QF
         encoder_hidden_size=encoder_width,
         hidden_act="gelu",
         layer_norm_eps=1e-12,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     config._attn_implementation = "sdpa"
     return Blip2QFormerModel(config)
+
+
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Set every dropout of the Q-Formers in ``module`` (hidden and attention) to ``p``, in place."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, Blip2QFormerMultiHeadAttention):
+            m.attention_dropout = p
 
 
 def bert_renames(original: str, ours: str) -> tuple[tuple[str, str], ...]:
@@ -53,12 +70,14 @@ class CausalQFormer(nn.Module):
     attend to each other causally (query i sees 0..i) and to the image tokens.
     """
 
-    def __init__(self, model_cfg: DictConfig):
+    def __init__(self, model_cfg: DictConfig, *, text_input: bool = False, dropout: float = 0.0):
+        """``text_input``/``dropout``: see `build_qformer` (training only; the defaults give the
+        inference module, whose state dict is exactly the released file's)."""
         super().__init__()
         q = model_cfg.qformer
         self.ln_vision = nn.LayerNorm(model_cfg.vision.width, eps=1e-5)
         self.query_tokens = nn.Parameter(torch.randn(1, q.num_queries, q.hidden_size) * 0.02)
-        self.qformer = build_qformer(q, q.num_layers, model_cfg.vision.width)
+        self.qformer = build_qformer(q, q.num_layers, model_cfg.vision.width, text_input=text_input, dropout=dropout)
         self.register_buffer("causal_mask", torch.empty(1, 1, q.num_queries, q.num_queries), persistent=False)
         self._init_buffers()
 

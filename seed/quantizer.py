@@ -26,11 +26,26 @@ class Quantizer(nn.Module):
         nn.init.uniform_(self.codebook.weight, -1.0 / c.size, 1.0 / c.size)
 
     def forward(self, causal_embeds: torch.Tensor) -> torch.Tensor:
-        z = self.down(causal_embeds.to(self.codebook.weight.dtype))
+        return self.nearest(self.down(causal_embeds.to(self.codebook.weight.dtype)))
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Down-projected vectors [...,dim] -> index of the nearest codebook row, int64 [...]."""
         e = self.codebook.weight
         # ||z||^2 + ||e||^2 - 2 z.e, as the original VectorQuantizer computes it
         dist = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()
         return dist.argmin(-1)
+
+
+def vq_loss(z: torch.Tensor, z_q: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original (``legacy``) VQ training loss and the straight-through vectors.
+
+    ``z``: encoder output [...,dim]; ``z_q``: its codebook rows (same shape, with grad into the
+    codebook). Returns ``(loss, z_st)``: loss = mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2)
+    (the legacy form: beta weighs the codebook term, the commitment term has weight 1), a 0-d
+    tensor; ``z_st = z + sg(z_q - z)`` (values of z_q, gradient of z).
+    """
+    loss = torch.mean((z_q.detach() - z) ** 2) + beta * torch.mean((z_q - z.detach()) ** 2)
+    return loss, z + (z_q - z).detach()
 
 
 checkpoint_filter_fn = KeyMap((("encode_task_layer.", "down."), ("quantize.embedding.", "codebook.")))

@@ -1,21 +1,18 @@
-"""Convert the original SEED-1 .pth files into a `save_pretrained` folder, and check it.
+"""Convert the original SEED-1 or SEED-2 files into a `save_pretrained` folder, and check it.
 
     python scripts/convert_checkpoint.py --config configs/seed_tokenizer.yaml --out pretrained/seed-tokenizer-1
+    python scripts/convert_checkpoint.py --config configs/seed2_tokenizer.yaml --out pretrained/seed-tokenizer-2
 
-Loads the files named in the config's ``checkpoints`` section, writes ``config.yaml`` +
-``model.safetensors`` into ``--out``, re-loads that folder with `Tokenizer.from_pretrained`
-and checks both give the same codes and embeddings on a batch of random pixels. Exits 1 if
-anything fails or differs.
+Loads the files named in the config's ``checkpoints`` section (SEED-1: vision, qformer,
+codebook; SEED-2: vision, quantizer), writes ``config.yaml`` + ``model.safetensors`` into
+``--out``, re-loads that folder with `Tokenizer.from_pretrained` and checks both give the same
+codes and embeddings on a batch of random images. Exits 1 if anything fails or differs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-import torch
-
-import seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args(argv)
 
-    cfg = seed.load_config(args.config, *args.overrides)
-    missing = [k for k in ("vision", "qformer", "codebook") if not (cfg.get("checkpoints") or {}).get(k)]
+    import torch  # heavy imports after parsing: --help stays fast
+
+    import seed
+    from seed.decoder import head_of
+    from seed.images import CLIP_MEAN, CLIP_STD
+    from seed.tokenizer import CHECKPOINT_FILES
+
+    try:
+        cfg = seed.load_config(args.config, *args.overrides)
+        needed = CHECKPOINT_FILES[head_of(cfg.model)]
+    except seed.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    missing = [k for k in needed if not (cfg.get("checkpoints") or {}).get(k)]
     if missing:
         print(f"error: checkpoints.{', checkpoints.'.join(missing)} not set in {args.config}: nothing to convert",
               file=sys.stderr)
@@ -38,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         original = seed.Tokenizer.from_config(cfg, device=args.device, dtype=torch.float32)
         out = original.save_pretrained(args.out)
         converted = seed.Tokenizer.from_pretrained(out, device=args.device, dtype=torch.float32)
-    except seed.CheckpointError as e:
+    except (seed.CheckpointError, seed.InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out / 'config.yaml'} and {out / 'model.safetensors'}")
 
     s = original.image_size
-    pixels = torch.randn(args.batch_size, 3, s, s, generator=torch.Generator().manual_seed(0))
+    rgb = torch.rand(args.batch_size, 3, s, s, generator=torch.Generator().manual_seed(0))  # images in [0, 1]
+    pixels = (rgb - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     codes_a, codes_b = original.encode(pixels), converted.encode(pixels)
     causal = (original.causal_embeddings(pixels) - converted.causal_embeddings(pixels)).abs().max().item()
     gen = (original.embed(codes_a) - converted.embed(codes_a)).abs().max().item()

@@ -29,6 +29,8 @@ WHERE_TO_GET = {
     "eva_vit_g.pth": "the BLIP-2 EVA ViT-g file: `python scripts/download_weights.py` fetches it",
     "causal_qformer.pth": f"the SEED-1 release, by hand ({SEED1_WEIGHTS_URL})",
     "seed_tokenizer.pth": f"the SEED-1 release, by hand ({SEED1_WEIGHTS_URL})",
+    "seed_quantizer.pt": ("the SEED-2 release on the Hugging Face Hub (AILab-CVC/seed-tokenizer-2): "
+                          "`python scripts/download_weights.py --model seed2` fetches it"),
 }
 
 

@@ -16,6 +16,8 @@ PARITY_ROOT = DATA / "parity"
 """One folder per kind (seed1, seed2, training); each fixture folder under it is drop-in."""
 PARITY = PARITY_ROOT / "seed1" / "seed1-tiny"
 TINY = ROOT / "configs" / "seed_tiny.yaml"
+TINY2 = ROOT / "configs" / "seed2_tiny.yaml"
+"""SEED-2 at tiny widths; `seed2_overrides` makes it match a tests/data/parity/seed2 fixture."""
 PHOTOS = sorted((DATA / "images").glob("*.png"))
 
 
@@ -46,6 +48,27 @@ def parity_overrides(fixture: Path) -> list[str]:
         f"checkpoints.vision={fixture / 'eva_vit_g.pth'}",
         f"checkpoints.qformer={fixture / 'causal_qformer.pth'}",
         f"checkpoints.codebook={fixture / 'seed_tokenizer.pth'}",
+    ]
+
+
+def seed2_overrides(fixture: Path, vision: Path | None = None, quantizer: Path | None = None) -> list[str]:
+    """Overrides that make configs/seed2_tiny.yaml match a SEED-2 fixture's spec.json."""
+    spec = json.loads((fixture / "spec.json").read_text())
+    v, q, c, d = spec["vision"], spec["qformer"], spec["quantizer"], spec["decoder"]
+    return [
+        f"model.image_size={spec['image_size']}",
+        f"model.vision.patch_size={v['patch_size']}", f"model.vision.width={v['width']}",
+        f"model.vision.depth={v['depth']}", f"model.vision.heads={v['heads']}",
+        f"model.vision.mlp_ratio={(v['mlp_hidden'] + 0.5) / v['width']}",  # timm: int(width * ratio)
+        f"model.qformer.hidden_size={q['hidden']}", f"model.qformer.num_layers={q['layers']}",
+        f"model.qformer.num_heads={q['heads']}", f"model.qformer.intermediate_size={q['intermediate']}",
+        f"model.qformer.cross_attention_every={q['cross_attention_every']}",
+        f"model.qformer.num_queries={q['num_queries']}",
+        f"model.codebook.size={c['codebook_size']}", f"model.codebook.dim={c['dim']}",
+        f"model.decoder.num_blocks={d['blocks']}", f"model.decoder.num_heads={d['block_heads']}",
+        f"model.decoder.output_dim={d['out_dim']}",
+        f"checkpoints.vision={vision or fixture / 'eva_vit_g.pth'}",
+        f"checkpoints.quantizer={quantizer or fixture / 'seed_quantizer.pt'}",
     ]
 
 

@@ -172,9 +172,10 @@ def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return images
 
 
-def load_batch(images: ImageInput | Sequence[ImageInput], size: int, resample: str = "bicubic") -> torch.Tensor:
+def load_batch(images: ImageInput | Sequence[ImageInput], size: int, resample: str = "bicubic",
+               start: int = 0, total: int | None = None) -> torch.Tensor:
     """Images -> float32 [B,3,size,size] (`preprocess_image` with ``resample``). A bad item raises
-    `InputError` naming its position."""
+    `InputError` naming its position (``start + i`` of ``total``, for a chunk of a longer list)."""
     images = as_list(images)
     resample_filter(resample)  # a bad filter name is the config's fault, not image i's
     out = []
@@ -182,7 +183,7 @@ def load_batch(images: ImageInput | Sequence[ImageInput], size: int, resample: s
         try:
             out.append(preprocess_image(open_image(src), size, resample))
         except InputError as e:
-            raise InputError(f"image {i} of {len(images)}: {e}") from None
+            raise InputError(f"image {start + i} of {total or len(images)}: {e}") from None
     return torch.stack(out)
 
 

@@ -125,6 +125,8 @@ def test_encode_runs_long_lists_in_chunks_with_the_same_codes(parity_cfg, parity
     small.vision.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     assert torch.equal(small.encode(many), expected)
     assert max(seen) == 2 and sum(seen) == len(many)
+    with pytest.raises(seed.InputError, match=r"image 5 of 9: .*nope\.png: no such file"):
+        small.encode(many[:5] + ["nope.png"] + many[6:])  # the position in the whole list, not the chunk
     seen.clear()
     pixels = small.preprocess(many)
     assert torch.equal(small.causal_embeddings(pixels), parity_tok.causal_embeddings(pixels))

@@ -11,12 +11,13 @@ from .config import load_config
 from .errors import CheckpointError, InputError
 
 if TYPE_CHECKING:
+    from .llama import SeedLlama
     from .tokenizer import Tokenizer
 
-__all__ = ["Tokenizer", "load_config", "InputError", "CheckpointError"]
+__all__ = ["Tokenizer", "SeedLlama", "load_config", "InputError", "CheckpointError"]
 __version__ = "0.2.0"
 
-_LAZY = {"Tokenizer": ".tokenizer"}
+_LAZY = {"Tokenizer": ".tokenizer", "SeedLlama": ".llama"}
 """Public name -> the module that defines it, imported on first access."""
 
 

@@ -1,0 +1,607 @@
+"""SEED-LLaMA: multimodal chat and image generation with a causal LM that speaks SEED-2 codes.
+
+`SeedLlama` composes three parts: a Hugging Face causal LM, its tokenizer (holding the image
+tokens ``<img>``, ``</img>``, ``<img_00000>`` .. ``<img_08191>``; `seed.llm.add_image_tokens`
+adds them to a tokenizer that lacks them) and a SEED-2 `seed.Tokenizer`. Images in a
+conversation become ``<img>`` + 32 code tokens + ``</img>`` inline in the prompt, exactly as the
+original SEED-LLaMA scripts build it; image spans the LM generates become codes, then pixels
+through the SEED-2 decoder and Stable Diffusion 2.1 unCLIP.
+
+A conversation is either one user turn (a ``str``, an image, or a list of such parts) or a list
+of messages ``{"role": "system" | "user" | "assistant", "content": part | [parts]}``. A part is:
+
+- text: a ``str`` or ``{"type": "text", "text": str}``;
+- an image: a ``pathlib.Path``, PIL image, bytes, numpy array / uint8 tensor (anything
+  `seed.Tokenizer.encode` takes), or ``{"type": "image", "image": x}`` (there a ``str`` is a path);
+- codes: an integer tensor of 32 codes, or ``{"type": "image", "codes": [32 ints]}``.
+
+A plain ``str`` part is always text, never a path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import llm
+from .errors import CheckpointError, InputError
+from .llm import BOI, NUM_CODES, NUM_IMAGE_TOKENS, ImageSpanConstraint, ImageTokenIds
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES = ("vicuna", "llama2", "chat", "raw")
+"""Prompt templates: ``vicuna`` (SEED-LLaMA 8B: ``USER: ... ASSISTANT:``), ``llama2`` (14B:
+``[INST] ... [/INST]``), ``chat`` (the tokenizer's own chat template), ``raw`` (bos + the turns'
+contents concatenated, as the original demo backend sends them to the pre-trained models)."""
+
+DEFAULT_GENERATION: dict[str, Any] = {"max_new_tokens": 512, "do_sample": True, "temperature": 1.0, "top_p": 0.5,
+                                      "num_beams": 1}
+"""Generation settings of the original scripts (`seed_llama_inference_8B.py`); any may be overridden."""
+
+SEED_LLAMA_TOKENIZER = "AILab-CVC/seed-tokenizer-2"
+"""Where SEED-LLaMA's tokenizer lives on the Hub (LLaMA's SentencePiece model plus the image tokens)."""
+
+Part = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor, Mapping[str, Any]]
+Conversation = Union[Part, Sequence[Part], Sequence[Mapping[str, Any]]]
+
+
+@dataclass
+class MalformedSpan:
+    """An image span the LM generated that is not ``<img>`` + 32 code tokens + ``</img>``.
+
+    Only possible with the constraint off (or a span cut short by ``max_new_tokens``). It stands
+    in the reply's ``parts`` where the image would be; ``token_ids`` are the ids from ``<img>``
+    (or the stray token) on, as generated.
+    """
+
+    reason: str
+    token_ids: list[int]
+
+    def __str__(self) -> str:
+        return f"[malformed image span: {self.reason}]"
+
+
+@dataclass
+class Reply:
+    """What the LM answered to one conversation.
+
+    ``parts``: text (``str``), generated images (PIL, or the codes int64 [32] when
+    ``decode_images=False``) and `MalformedSpan` markers, in the order generated.
+    ``codes``: int64 [32] per well-formed generated image, in order (``codes[i]`` belongs to
+    ``images[i]``). ``errors``: one message per malformed span. ``token_ids``: the generated
+    ids (int64 [T], without the prompt, cut at the first EOS).
+    """
+
+    parts: list[str | Image.Image | torch.Tensor | MalformedSpan]
+    codes: list[torch.Tensor] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    token_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    @property
+    def text(self) -> str:
+        """The text parts joined, each image (or malformed span) shown as ``<image>``."""
+        return "".join(p if isinstance(p, str) else "<image>" for p in self.parts)
+
+    @property
+    def images(self) -> list[Image.Image | torch.Tensor]:
+        """The generated images (PIL; codes if not decoded), in order."""
+        return [p for p in self.parts if not isinstance(p, (str, MalformedSpan))]
+
+    def as_message(self) -> dict[str, Any]:
+        """This reply as an assistant message for the next turn: images as their codes, malformed
+        spans dropped, the whitespace around the whole answer stripped (the template adds its own)."""
+        content: list[Any] = []
+        images = iter(self.codes)
+        for p in self.parts:
+            if isinstance(p, str):
+                content.append(p)
+            elif not isinstance(p, MalformedSpan):
+                content.append(next(images))
+        if content and isinstance(content[0], str):
+            content[0] = content[0].lstrip()
+        if content and isinstance(content[-1], str):
+            content[-1] = content[-1].rstrip()
+        return {"role": "assistant", "content": [c for c in content if not isinstance(c, str) or c]}
+
+
+# --------------------------------------------------------------------------- conversations
+
+
+@dataclass
+class _Image:
+    """An image part: ``source`` to encode, or ``codes`` (int64 [32]) already known."""
+
+    source: Any = None
+    codes: torch.Tensor | None = None
+
+
+def _is_codes(x: Any) -> bool:
+    return (isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.uint8
+            and x.numel() == NUM_IMAGE_TOKENS)
+
+
+def _part(p: Any, where: str) -> str | _Image:
+    """One content part -> text (str) or `_Image`."""
+    if isinstance(p, str):
+        return p
+    if _is_codes(p):
+        return _Image(codes=llm._check_codes(p.flatten())[0])
+    if isinstance(p, (os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)) \
+            or hasattr(p, "read"):
+        return _Image(source=p)
+    if isinstance(p, Mapping):
+        kind = p.get("type") or next((k for k in ("text", "image", "codes") if k in p), None)
+        if kind == "text" and isinstance(p.get("text"), str):
+            return p["text"]
+        if kind in ("image", "codes") and p.get("codes") is not None:
+            try:
+                return _Image(codes=llm._check_codes(p["codes"])[0])
+            except InputError as e:
+                raise InputError(f"{where}: bad codes: {e}") from None
+        if kind == "image" and p.get("image") is not None:
+            img = p["image"]
+            return _part(Path(img) if isinstance(img, str) else img, where)
+        raise InputError(f"{where}: a dict part needs 'text', 'image' or 'codes' (got keys {sorted(p)})")
+    raise InputError(f"{where}: cannot use a {type(p).__name__} as a message part (text is a str; "
+                     "an image a Path, PIL image, bytes or array; codes an integer tensor of 32)")
+
+
+def _content(content: Any, where: str) -> list[str | _Image]:
+    if isinstance(content, (list, tuple)):
+        return [_part(p, f"{where}, part {i}") for i, p in enumerate(content)]
+    return [_part(content, where)]
+
+
+def _is_message(m: Any) -> bool:
+    return isinstance(m, Mapping) and "role" in m
+
+
+def normalize(conversation: Conversation, where: str = "conversation") -> list[tuple[str, list[str | _Image]]]:
+    """A conversation -> [(role, parts)], roles in system/user/assistant, the last one "user"."""
+    if isinstance(conversation, (list, tuple)) and conversation and all(_is_message(m) for m in conversation):
+        messages = []
+        for i, m in enumerate(conversation):
+            role = m["role"]
+            if role not in ("system", "user", "assistant"):
+                raise InputError(f"{where}, message {i}: role must be system, user or assistant, got {role!r}")
+            if role == "system" and i != 0:
+                raise InputError(f"{where}, message {i}: a system message must come first")
+            messages.append((role, _content(m.get("content", ""), f"{where}, message {i}")))
+    elif isinstance(conversation, (list, tuple)) and any(_is_message(m) for m in conversation):
+        raise InputError(f"{where}: mixes messages (dicts with a 'role') and bare parts")
+    else:
+        if isinstance(conversation, (list, tuple)) and not conversation:
+            raise InputError(f"{where} is empty")
+        messages = [("user", _content(conversation, where))]
+    if messages[-1][0] != "user":
+        raise InputError(f"{where}: the last message must be the user's (got {messages[-1][0]!r})")
+    return messages
+
+
+def render(messages: Sequence[tuple[str, str]], template: str, tokenizer: PreTrainedTokenizerBase,
+           force_image: bool = False) -> str:
+    """Messages with their contents as text (images already ``<img>...</img>``) -> the prompt string.
+
+    ``vicuna``: ``bos + "USER: " + content + "\\n" + ... + "ASSISTANT:"`` (assistant turns as
+    ``"ASSISTANT: " + content + "\\n"``; a system message as ``system + "\\n"`` first).
+    ``llama2``: ``bos + "[INST] " + content + " [/INST]" + "\\n"`` per user turn, ``content + "\\n"``
+    per assistant turn (a system message as ``<<SYS>>\\n...\\n<</SYS>>\\n\\n`` first). These are the
+    original's prompts (scripts and demo ``conversation.py``); tokenize with ``add_special_tokens=False``.
+    ``force_image`` appends ``<img>``.
+    """
+    bos = tokenizer.bos_token or ""
+    if template == "vicuna":
+        text = bos
+        for role, c in messages:
+            text += c + "\n" if role == "system" else {"user": "USER", "assistant": "ASSISTANT"}[role] + ": " + c + "\n"
+        text += "ASSISTANT:"
+    elif template == "llama2":
+        text = bos
+        for role, c in messages:
+            if role == "system":
+                text += f"<<SYS>>\n{c}\n<</SYS>>\n\n"
+            else:
+                text += ("[INST] " + c + " [/INST]" if role == "user" else c) + "\n"
+    elif template == "raw":
+        text = bos + "".join(c for _, c in messages)
+    elif template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"template 'chat': the tokenizer ({type(tokenizer).__name__}) has no chat template; "
+                             f"use one of {[t for t in TEMPLATES if t != 'chat']}")
+        text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        raise InputError(f"unknown template {template!r}; choose one of {list(TEMPLATES)}")
+    return text + BOI if force_image else text
+
+
+# --------------------------------------------------------------------------- generated ids -> parts
+
+
+def parse_generated(ids: Sequence[int], image_ids: ImageTokenIds, tokenizer: PreTrainedTokenizerBase
+                    ) -> tuple[list[str | torch.Tensor | MalformedSpan], list[str]]:
+    """Generated ids -> parts (text str, codes int64 [32], `MalformedSpan`) and error messages.
+
+    A span is ``<img>`` up to the next ``</img>``; it becomes codes only if it holds exactly 32
+    code tokens (the demo backend's rule). A span with another length or a non-code token, an
+    ``<img>`` never closed (or followed by another ``<img>``), and stray ``</img>`` or code tokens
+    outside a span are reported, not raised. Text is decoded with special tokens skipped.
+    """
+    code_of = {int(t): k for k, t in enumerate(image_ids.codes.tolist())}
+    parts: list[str | torch.Tensor | MalformedSpan] = []
+    errors: list[str] = []
+    text: list[int] = []
+
+    def flush() -> None:
+        if text:
+            s = tokenizer.decode(text, skip_special_tokens=True)
+            if s:
+                parts.append(s)
+            text.clear()
+
+    def bad(reason: str, span: list[int]) -> None:
+        flush()
+        parts.append(MalformedSpan(reason, span))
+        errors.append(f"image {sum(not isinstance(p, str) for p in parts) - 1}: {reason}")
+
+    ids = [int(t) for t in ids]
+    i, n = 0, len(ids)
+    while i < n:
+        t = ids[i]
+        if t == image_ids.boi:
+            j = i + 1
+            while j < n and ids[j] not in (image_ids.boi, image_ids.eoi):
+                j += 1
+            body = ids[i + 1:j]
+            closed = j < n and ids[j] == image_ids.eoi
+            codes = [code_of.get(b) for b in body]
+            if not closed:
+                why = "generation ended" if j == n else "another <img> came"
+                bad(f"<img> without </img>: {why} after {len(body)} tokens", ids[i:j])
+                i = j
+                continue
+            if len(body) == NUM_IMAGE_TOKENS and None not in codes:
+                flush()
+                parts.append(torch.tensor(codes, dtype=torch.long))
+            else:
+                others = sum(c is None for c in codes)
+                bad(f"{len(body)} tokens between <img> and </img> ({others} not code tokens), "
+                    f"not {NUM_IMAGE_TOKENS} code tokens", ids[i:j + 1])
+            i = j + 1
+        elif t == image_ids.eoi:
+            bad("</img> without <img>", [t])
+            i += 1
+        elif t in code_of:
+            j = i
+            while j < n and ids[j] in code_of:
+                j += 1
+            bad(f"{j - i} code token(s) outside <img>...</img>", ids[i:j])
+            i = j
+        else:
+            text.append(t)
+            i += 1
+    flush()
+    return parts, errors
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _lazy(value: Any) -> Callable[[], Any]:
+    return value if callable(value) and not isinstance(value, torch.nn.Module) else (lambda: value)
+
+
+class SeedLlama:
+    """A causal LM + its tokenizer + a SEED-2 image tokenizer: conversations in, text and images out.
+
+    ``model`` and ``image_tokenizer`` may be given as zero-argument callables: they are then
+    called once, on first use, under a lock (`from_pretrained` does this: nothing heavy loads
+    until a prompt needs it; a text-only chat never loads the image tokenizer, and unCLIP loads
+    on the first generated image). ``tokenizer`` must hold the image tokens or is extended with
+    them here (and the LM's embeddings resized, the new rows untrained).
+
+    ``template``: see `TEMPLATES`. ``constrain_images``: the default of `generate`'s setting.
+    """
+
+    def __init__(self, model: PreTrainedModel | Callable[[], PreTrainedModel],
+                 tokenizer: PreTrainedTokenizerBase,
+                 image_tokenizer: Tokenizer | Callable[[], Tokenizer] | str | Path | DictConfig,
+                 *, template: str = "vicuna", system: str | None = None, constrain_images: bool = True):
+        if template not in TEMPLATES:
+            raise InputError(f"unknown template {template!r}; choose one of {list(TEMPLATES)}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.system = system
+        self.constrain_images = constrain_images
+        n = len(tokenizer)
+        self.image_ids: ImageTokenIds = llm.add_image_tokens(tokenizer)
+        if len(tokenizer) > n:
+            logger.warning("added %d image tokens to the tokenizer: the LM's embeddings of them are new, untrained",
+                           len(tokenizer) - n)
+        if tokenizer.pad_token is None:  # the original sets pad = unk
+            tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+        if tokenizer.pad_token is None:
+            raise InputError(f"the tokenizer ({type(tokenizer).__name__}) has no pad, unk or eos token to pad with")
+        self._load_model = _lazy(model)
+        self._load_image_tokenizer = _lazy(_image_tokenizer_loader(image_tokenizer))
+        self._model: PreTrainedModel | None = None
+        self._image_tokenizer: Tokenizer | None = None
+        self._model_lock, self._image_lock = threading.Lock(), threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, llm_name: str | Path, *, tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+                        image_tokenizer: Tokenizer | str | Path | DictConfig = "seed2_tokenizer",
+                        template: str = "vicuna", system: str | None = None, constrain_images: bool = True,
+                        torch_dtype: torch.dtype | str | None = None, device_map: str | Mapping | None = None,
+                        load_in_8bit: bool = False, load_in_4bit: bool = False,
+                        **model_kwargs: Any) -> SeedLlama:
+        """SEED-LLaMA from a Hub id or folder (``AILab-CVC/seed-llama-8b-sft``, ``...-14b-sft`` with
+        ``template="llama2"``) or any causal LM.
+
+        ``tokenizer``: a Hub id, folder or tokenizer object (default: ``llm_name``'s, or for
+        ``AILab-CVC/seed-llama-*`` SEED-LLaMA's, `SEED_LLAMA_TOKENIZER`); loaded now. The LM loads
+        on first use with ``torch_dtype`` (default fp16 on CUDA, fp32 on the CPU), ``device_map`` (e.g. ``"auto"``,
+        needs accelerate) and ``load_in_8bit``/``load_in_4bit`` (bitsandbytes + accelerate:
+        ``pip install 'seed[llama]'``; ``device_map`` then defaults to ``"auto"``); other keyword
+        arguments go to ``AutoModelForCausalLM.from_pretrained``. ``image_tokenizer``: a
+        `seed.Tokenizer`, a config (name such as ``"seed2_tokenizer"``, YAML path or DictConfig)
+        or a `seed.Tokenizer.save_pretrained` folder / Hub id; loaded on first use.
+        """
+        from transformers import AutoTokenizer
+
+        if load_in_8bit and load_in_4bit:
+            raise InputError("load_in_8bit and load_in_4bit exclude each other")
+        quantized = load_in_8bit or load_in_4bit
+        needs = (["bitsandbytes", "accelerate"] if quantized else []) + (["accelerate"] if device_map else [])
+        missing = sorted({m for m in needs if importlib.util.find_spec(m) is None})
+        if missing:
+            what = "8-bit/4-bit loading" if quantized else f"device_map={device_map!r}"
+            raise ImportError(f"{what} needs {' and '.join(missing)}: pip install 'seed[llama]'")
+        _check_source(llm_name, "llm")
+        if isinstance(tokenizer, (str, Path)) or tokenizer is None:
+            source = tokenizer if tokenizer is not None else (
+                SEED_LLAMA_TOKENIZER if str(llm_name).startswith("AILab-CVC/seed-llama") else llm_name)
+            _check_source(source, "tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+
+        def load_model() -> PreTrainedModel:
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            from .device import default_device
+
+            device = default_device()
+            dtype = torch_dtype if torch_dtype is not None else (
+                torch.float16 if device.type == "cuda" else torch.float32)
+            kwargs = dict(model_kwargs, dtype=dtype)
+            if quantized:
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                    bnb_4bit_compute_dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16)
+            if device_map is not None or quantized:
+                kwargs["device_map"] = device_map if device_map is not None else "auto"
+            logger.info("loading the LM from %s (%s)", llm_name, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
+            model = AutoModelForCausalLM.from_pretrained(str(llm_name), **kwargs)
+            return model if "device_map" in kwargs else model.to(device)
+
+        return cls(load_model, tokenizer, image_tokenizer, template=template, system=system,
+                   constrain_images=constrain_images)
+
+    # ----------------------------------------------------------------------- lazy parts
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The causal LM, eval mode, embeddings covering every tokenizer id (loaded once, on first use)."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    model = self._load_model().eval()
+                    rows = model.get_input_embeddings().num_embeddings
+                    if rows < len(self.tokenizer):
+                        logger.warning("resizing the LM's token embeddings from %d to %d (the new rows are untrained)",
+                                       rows, len(self.tokenizer))
+                        model.resize_token_embeddings(len(self.tokenizer))
+                    self._model = model
+        return self._model
+
+    @property
+    def image_tokenizer(self) -> Tokenizer:
+        """The SEED-2 `seed.Tokenizer` (loaded once, on first use)."""
+        if self._image_tokenizer is None:
+            with self._image_lock:
+                if self._image_tokenizer is None:
+                    tok = self._load_image_tokenizer()
+                    if getattr(tok, "variant", "seed2") != "seed2":
+                        raise InputError(f"the image tokenizer is {tok.variant}; SEED-LLaMA speaks SEED-2 codes "
+                                         "(configs/seed2_tokenizer.yaml)")
+                    if tok.quantizer.codebook.weight.shape[0] != NUM_CODES:
+                        raise InputError(f"the image tokenizer has {tok.quantizer.codebook.weight.shape[0]} codes; "
+                                         f"SEED-LLaMA needs {NUM_CODES}")
+                    self._image_tokenizer = tok
+        return self._image_tokenizer
+
+    def decode_images(self, codes: torch.Tensor, **settings: Any) -> list[Image.Image]:
+        """Codes int64 [N,32] -> N PIL images through the image tokenizer's unCLIP decode (``settings``
+        as `seed.Tokenizer.decode`; one sample per code sequence). unCLIP loads once, on first use
+        (`seed.Tokenizer.diffusion`, thread-safe)."""
+        return self.image_tokenizer.decode(codes, **{**settings, "num_samples": 1})
+
+    # ----------------------------------------------------------------------- prompts
+
+    def _image_texts(self, conversations: list[list[tuple[str, list[str | _Image]]]]) -> None:
+        """Fill every `_Image`'s codes: all images to encode go through the image tokenizer at once."""
+        pending = [p for conv in conversations for _, parts in conv for p in parts
+                   if isinstance(p, _Image) and p.codes is None]
+        if pending:
+            codes = self.image_tokenizer.encode([p.source for p in pending]).cpu()
+            for p, c in zip(pending, codes):
+                p.codes = c
+
+    def prompts(self, conversations: Sequence[Conversation], *, force_image: bool | Sequence[bool] = False,
+                template: str | None = None, system: str | None = None) -> list[str]:
+        """The prompt string of each conversation (images encoded to ``<img>...</img>``)."""
+        convs = [normalize(c, f"conversation {i}") for i, c in enumerate(conversations)]
+        forces = _per_row(force_image, len(convs), "force_image")
+        self._image_texts(convs)
+        system = system if system is not None else self.system
+        out = []
+        for conv, force in zip(convs, forces):
+            msgs = [(r, "".join(p if isinstance(p, str) else llm.codes_to_text(p.codes)[0] for p in parts))
+                    for r, parts in conv]
+            if system is not None and msgs[0][0] != "system":
+                msgs.insert(0, ("system", system))
+            out.append(render(msgs, template or self.template, self.tokenizer, force))
+        return out
+
+    def prompt_ids(self, conversations: Sequence[Conversation], **kwargs: Any) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask``, int64 [B,L], left-padded: the prompts tokenized
+        with ``add_special_tokens=False`` as the original does. ``kwargs`` as `prompts`."""
+        enc = self.tokenizer(self.prompts(conversations, **kwargs), add_special_tokens=False, padding=True,
+                             padding_side="left", return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    # ----------------------------------------------------------------------- generation
+
+    def chat(self, conversation: Conversation, **kwargs: Any) -> Reply:
+        """One conversation -> its `Reply`. ``kwargs`` as `generate`."""
+        return self.generate([conversation], **kwargs)[0]
+
+    def generate(self, conversations: Sequence[Conversation], *, force_image: bool | Sequence[bool] = False,
+                 template: str | None = None, system: str | None = None, constrain_images: bool | None = None,
+                 decode_images: bool = True, decode: Mapping[str, Any] | None = None, seed: int | None = None,
+                 logits_processor: Sequence[Any] | None = None, **generation: Any) -> list[Reply]:
+        """Several independent conversations -> one `Reply` each, in one ``model.generate`` call.
+
+        Prompts are left-padded; each conversation has its own images. ``force_image`` (one bool,
+        or one per conversation) appends ``<img>`` to the prompt, so the answer is an image
+        (the original's ``force_boi``). ``constrain_images`` (default: the pipeline's, on): an
+        `ImageSpanConstraint` makes every generated span ``<img>`` + 32 codes + ``</img>``; off,
+        malformed spans are reported in `Reply.errors`, never raised. ``generation``: settings for
+        ``model.generate`` over `DEFAULT_GENERATION` (``do_sample``, ``temperature``, ``top_p``,
+        ``max_new_tokens``, ...). ``seed``: seeds the sampling and, unless ``decode`` sets one,
+        the image decode. ``decode``: settings of `seed.Tokenizer.decode` (``steps``,
+        ``guidance_scale``, ``height``, ``width``, ``scheduler``, ``seed``); ``decode_images=False``
+        leaves generated images as codes. With ``num_return_sequences=n``, replies ``i*n .. i*n+n-1``
+        answer conversation ``i``.
+        """
+        from transformers import LogitsProcessorList
+
+        if isinstance(conversations, (str, Mapping)) or not isinstance(conversations, Sequence):
+            raise InputError("generate takes a list of conversations; use chat() for one")
+        if not conversations:
+            return []
+        forces = _per_row(force_image, len(conversations), "force_image")
+        enc = self.prompt_ids(conversations, force_image=forces, template=template, system=system)
+        settings = {**DEFAULT_GENERATION, **generation}
+        if not settings.get("do_sample"):
+            for k in ("temperature", "top_p"):  # unused without sampling: keep generate from warning
+                if k not in generation:
+                    settings.pop(k, None)
+        model = self.model
+        length = enc["input_ids"].shape[1]
+        if "max_length" in generation and "max_new_tokens" not in generation:
+            settings.pop("max_new_tokens")
+            max_length = int(generation["max_length"])
+        else:
+            max_length = length + int(settings["max_new_tokens"])
+        processors = LogitsProcessorList(logits_processor or [])
+        constrain = self.constrain_images if constrain_images is None else constrain_images
+        if constrain:
+            processors.append(ImageSpanConstraint(self.image_ids, max_length=max_length))
+        device = model.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                                 logits_processor=processors, pad_token_id=self.tokenizer.pad_token_id, **settings)
+        new = out[:, length:].cpu()
+        eos = _eos_ids(model, self.tokenizer)
+        per_prompt = new.shape[0] // len(forces)  # num_return_sequences: consecutive rows per conversation
+        replies = []
+        for row, force in zip(new, [f for f in forces for _ in range(per_prompt)]):
+            ids = row.tolist()
+            stop = next((k for k, t in enumerate(ids) if t in eos), len(ids))
+            ids = ids[:stop]
+            parts, errors = parse_generated(([self.image_ids.boi] if force else []) + ids, self.image_ids,
+                                            self.tokenizer)
+            replies.append(Reply(parts=parts, codes=[p for p in parts if isinstance(p, torch.Tensor)],
+                                 errors=errors, token_ids=torch.tensor(ids, dtype=torch.long)))
+        if decode_images:
+            self._decode_into(replies, {**({"seed": seed} if seed is not None else {}), **(decode or {})})
+        for r in replies:
+            for e in r.errors:
+                logger.warning("generated %s", e)
+        return replies
+
+    def _decode_into(self, replies: list[Reply], settings: Mapping[str, Any]) -> None:
+        """Replace the codes parts of ``replies`` by PIL images, all decoded in one call."""
+        codes = [c for r in replies for c in r.codes]
+        if not codes:
+            return
+        images = iter(self.decode_images(torch.stack(codes), **settings))
+        for r in replies:
+            r.parts = [next(images) if isinstance(p, torch.Tensor) else p for p in r.parts]
+
+
+def _per_row(value: bool | Sequence[bool], n: int, name: str) -> list[bool]:
+    if isinstance(value, (bool, int)):
+        return [bool(value)] * n
+    value = list(value)
+    if len(value) != n:
+        raise InputError(f"{name} has {len(value)} values for {n} conversations")
+    return [bool(v) for v in value]
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+
+
+def _check_source(name: str | Path, what: str) -> None:
+    """A name that looks like a local path must exist (else it would be tried as a Hub id)."""
+    s = str(name)
+    looks_local = isinstance(name, Path) or s.startswith((".", "/", "~")) or s.count("/") > 1 or os.sep + os.sep in s
+    if looks_local and not Path(s).expanduser().exists():
+        raise CheckpointError(f"{what}: {s} does not exist (give a folder or a Hugging Face Hub id such as "
+                              "AILab-CVC/seed-llama-8b-sft)")
+
+
+def _image_tokenizer_loader(spec: Any) -> Any:
+    """A `seed.Tokenizer` as is; a config (name, YAML path, DictConfig) or folder / Hub id -> a loader."""
+    from omegaconf import DictConfig
+
+    if isinstance(spec, DictConfig):
+        def from_cfg() -> Tokenizer:
+            from .tokenizer import Tokenizer
+
+            return Tokenizer.from_config(spec)
+        return from_cfg
+    if isinstance(spec, (str, Path)):
+        def load() -> Tokenizer:
+            from .config import load_config, resolve_path
+            from .tokenizer import Tokenizer
+
+            p = resolve_path(spec)
+            if p.is_dir():
+                return Tokenizer.from_pretrained(p)
+            if p.suffix in (".yaml", ".yml") or "/" not in str(spec):
+                return Tokenizer.from_config(load_config(spec))
+            return Tokenizer.from_pretrained(str(spec))
+        return load
+    return spec

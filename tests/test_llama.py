@@ -1,0 +1,408 @@
+"""SEED-LLaMA (seed.llama): prompts, constrained image spans, batching, lazy loading, the script.
+
+The LM is a tiny random `LlamaForCausalLM` and its tokenizer a real (tiny) BPE tokenizer with
+a Metaspace pre-tokenizer like LLaMA's, holding the image tokens; both are written with
+`save_pretrained` and loaded back from the folder. Images go through SEED-2: the parity
+fixture's original-format weights where codes are compared, `seed2_tiny` elsewhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PHOTOS, ROOT, fixtures
+from PIL import Image
+from tokenizers import Tokenizer as HFTokenizerModel
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessor, PreTrainedTokenizerFast,
+)
+
+import seed
+from seed import CheckpointError, InputError
+from seed.llama import MalformedSpan, Reply, SeedLlama
+from seed.llm import add_image_tokens
+
+SEED2 = fixtures("seed2")
+CORPUS = ["USER: What is this animal? ASSISTANT: A cat sitting on a table.",
+          "Can you generate an image of a dog on the green grass?",
+          "[INST] Can you make the cat wear sunglasses? [/INST] Here it is.",
+          "A coffee cup and an old camera: the photo shows both."] * 4
+QUESTION = "What is this animal?"
+
+
+def bpe_tokenizer(with_image_tokens: bool) -> PreTrainedTokenizerFast:
+    """A real fast tokenizer trained here: BPE, Metaspace (LLaMA-like), <unk>/<s>/</s>; pad unset."""
+    model = HFTokenizerModel(models.BPE(unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"],
+                                                          show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if with_image_tokens:
+        add_image_tokens(tok)
+    return tok
+
+
+def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is ~20x faster than two when the CPUs are shared (OpenMP spin)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def llm_folder(tmp_path_factory) -> Path:
+    """An LM folder as on the Hub: config, weights, tokenizer with the image tokens (save_pretrained)."""
+    folder = tmp_path_factory.mktemp("tiny-seed-llama")
+    tok = bpe_tokenizer(with_image_tokens=True)
+    tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(llm_folder) -> SeedLlama:
+    return SeedLlama.from_pretrained(llm_folder, image_tokenizer="seed2_tiny")
+
+
+DECODE = {"steps": 2, "height": 64, "width": 64}
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def img_text(codes) -> str:
+    """The spec's image text, built independently: <img> + <img_%05d> per code + </img>."""
+    return "<img>" + "".join("<img_{:05d}>".format(int(c)) for c in codes) + "</img>"
+
+
+@pytest.mark.parametrize("fixture", SEED2, ids=[p.name for p in SEED2])
+@pytest.mark.parametrize("template", ["vicuna", "llama2"])
+def test_prompt_ids_equal_the_original_template(llm_folder, fixture, template):
+    """Text + image turns tokenize exactly as the original scripts' strings (SEED2_SPEC "Codes <-> LLM text"),
+    with the codes the original tokenizer gave for each image (expected.pt), one row per conversation."""
+    from test_seed2 import build
+
+    expected = torch.load(fixture / "expected.pt", weights_only=True)
+    paths = [fixture / "images" / name for name in expected["images"]]
+    tok = AutoTokenizer.from_pretrained(llm_folder)
+    pipe = SeedLlama.from_pretrained(llm_folder, image_tokenizer=build(fixture), template=template)
+    convs = [[paths[i], QUESTION] for i in range(len(paths))] + ["Can you generate an image of a dog?"]
+    enc = pipe.prompt_ids(convs)
+    for i, conv in enumerate(convs):
+        img = img_text(expected["codes"][i]) if i < len(paths) else ""
+        q = conv[-1] if isinstance(conv, list) else conv
+        if template == "vicuna":  # 8B: bos + "USER:" + " " + img_tokens + question + "\n" + "ASSISTANT:"
+            text = tok.bos_token + "USER:" + " " + img + q + "\n" + "ASSISTANT:"
+        else:  # 14B: bos + "[INST] " + img_tokens + question + " [/INST]" + "\n"
+            text = tok.bos_token + "[INST] " + img + q + " [/INST]" + "\n"
+        want = tok(text, add_special_tokens=False)["input_ids"]
+        got = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+        assert got == want
+        assert enc["attention_mask"][i, :len(enc["attention_mask"][i]) - len(want)].sum() == 0  # left padding
+    forced = pipe.prompt_ids([convs[0]], force_image=True)["input_ids"][0].tolist()
+    assert forced == tok(text_for(tok, template, img_text(expected["codes"][0]) + QUESTION) + "<img>",
+                         add_special_tokens=False)["input_ids"]
+
+
+def text_for(tok, template: str, content: str) -> str:
+    if template == "vicuna":
+        return tok.bos_token + "USER:" + " " + content + "\n" + "ASSISTANT:"
+    return tok.bos_token + "[INST] " + content + " [/INST]" + "\n"
+
+
+def test_multi_turn_and_chat_templates(pipe, llm_folder):
+    """Multi-turn prompts as the original demo's conversation.py; the tokenizer's own chat template."""
+    codes = torch.arange(32) * 5
+    conv = [{"role": "user", "content": ["Draw a dog."]},
+            {"role": "assistant", "content": ["Here: ", codes]},
+            {"role": "user", "content": [{"type": "image", "codes": codes.tolist()}, "Make it red."]}]
+    assert pipe.prompts([conv])[0] == ("<s>USER: Draw a dog.\nASSISTANT: Here: " + img_text(codes)
+                                       + "\nUSER: " + img_text(codes) + "Make it red.\nASSISTANT:")
+    assert pipe.prompts([conv], template="llama2")[0] == (
+        "<s>[INST] Draw a dog. [/INST]\nHere: " + img_text(codes) + "\n[INST] " + img_text(codes)
+        + "Make it red. [/INST]\n")
+    reply = Reply(parts=[" Here: ", codes, MalformedSpan("cut", [1]), " "], codes=[codes])
+    assert pipe.prompts([[conv[0], reply.as_message(), conv[2]]]) == pipe.prompts([conv])
+    assert pipe.prompts(["hi"], system="Be brief.", template="llama2")[0] == (
+        "<s><<SYS>>\nBe brief.\n<</SYS>>\n\n[INST] hi [/INST]\n")
+
+    tok = AutoTokenizer.from_pretrained(llm_folder)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    chat = SeedLlama(tiny_llama(len(tok)), tok, "seed2_tiny", template="chat")
+    assert chat.prompts([[codes, "hi"]])[0] == "<user>" + img_text(codes) + "hi<assistant>"
+    with pytest.raises(InputError, match="no chat template"):
+        pipe.prompts(["hi"], template="chat")
+
+
+# --------------------------------------------------------------------------- constrained spans
+
+
+class Bias(LogitsProcessor):
+    """Adds ``value`` to one token's logit: makes the random LM open image spans often."""
+
+    def __init__(self, token: int, value: float):
+        self.token, self.value = token, value
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.token] += self.value
+        return scores
+
+
+def spans_of(ids: list[int], boi: int, eoi: int) -> list[list[int]]:
+    out, start = [], None
+    for k, t in enumerate(ids):
+        if t == boi:
+            start = k
+        elif t == eoi and start is not None:
+            out.append(ids[start + 1:k])
+            start = None
+    return out
+
+
+def test_constrained_sampling_gives_only_well_formed_spans(pipe):
+    """Random weights, sampling, <img> made likely: every span is <img> + 32 codes + </img>, decoded."""
+    ids = pipe.image_ids
+    code_ids = set(ids.codes.tolist())
+    replies = pipe.generate(["Draw a dog.", "Draw a cat."], force_image=[True, False], seed=0, max_new_tokens=120,
+                            logits_processor=[Bias(ids.boi, 4.0)], decode=DECODE)
+    total = 0
+    for reply, forced in zip(replies, [True, False]):
+        gen = ([ids.boi] if forced else []) + reply.token_ids.tolist()
+        spans = spans_of(gen, ids.boi, ids.eoi)
+        assert reply.errors == [] and not any(isinstance(p, MalformedSpan) for p in reply.parts)
+        assert gen.count(ids.boi) == gen.count(ids.eoi) == len(spans) == len(reply.codes) == len(reply.images)
+        assert all(len(s) == 32 and set(s) <= code_ids for s in spans)
+        outside = [t for t in gen if t not in code_ids]  # code tokens only inside spans
+        assert len(outside) == len(gen) - 32 * len(spans)
+        for s, c in zip(spans, reply.codes):
+            assert c.dtype == torch.int64 and c.tolist() == [int(ids.codes.tolist().index(t)) for t in s]
+        assert all(isinstance(im, Image.Image) and im.size == (64, 64) for im in reply.images)
+        total += len(spans)
+    assert total >= 3  # the bias opened several spans (the forced one included)
+
+
+def test_without_constraint_malformed_spans_are_reported(pipe):
+    """The same sampling with the constraint off (the original's behaviour): reported, not raised."""
+    replies = pipe.generate(["Draw a dog.", "Draw a cat."], force_image=True, seed=0, max_new_tokens=60,
+                            constrain_images=False, decode_images=False)
+    for reply in replies:
+        assert reply.errors and all("<img>" in e for e in reply.errors)
+        assert isinstance(reply.parts[0], MalformedSpan) and reply.parts[0].token_ids[0] == pipe.image_ids.boi
+
+
+class Script(LogitsProcessor):
+    """Forces the generated tokens to follow ``script`` (then EOS)."""
+
+    def __init__(self, prompt_len: int, script: list[int], eos: int):
+        self.start, self.script, self.eos = prompt_len, script, eos
+
+    def __call__(self, input_ids, scores):
+        k = input_ids.shape[1] - self.start
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.script[k] if k < len(self.script) else self.eos] = 0
+        return forced
+
+
+def test_malformed_span_kinds_are_parsed_and_good_ones_decoded(pipe):
+    ids = pipe.image_ids
+    c = ids.codes.tolist()
+    text = pipe.tokenizer("a cat", add_special_tokens=False)["input_ids"]
+    good = [ids.boi, *c[100:132], ids.eoi]
+    script = ([ids.boi, *c[:5], ids.eoi] + text + good + [ids.eoi] + c[7:9] + text
+              + [ids.boi, *c[:3], *text, ids.eoi] + [ids.boi, *c[:2]])
+    prompt_len = pipe.prompt_ids(["Draw."])["input_ids"].shape[1]
+    reply = pipe.chat("Draw.", constrain_images=False, do_sample=False, max_new_tokens=len(script) + 2,
+                      logits_processor=[Script(prompt_len, script, pipe.tokenizer.eos_token_id)], decode=DECODE)
+    kinds = [type(p).__name__ for p in reply.parts]
+    assert kinds == ["MalformedSpan", "str", "Image", "MalformedSpan", "MalformedSpan", "str",
+                     "MalformedSpan", "MalformedSpan"]
+    assert [c.tolist() for c in reply.codes] == [list(range(100, 132))]
+    assert reply.parts[1].strip() == "a cat" and reply.parts[2].size == (64, 64)
+    assert len(reply.errors) == 5
+    for want, err in zip(["5 tokens", "</img> without <img>", "2 code token(s) outside",
+                          f"({len(text)} not code tokens)",
+                          "generation ended after 2 tokens"], reply.errors):
+        assert want in err
+    assert reply.token_ids.tolist() == script
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_batch_equals_each_prompt_alone_greedy(pipe):
+    photos = [Path(p) for p in PHOTOS]
+    convs = ["Can you generate an image of a dog on the green grass?",
+             [photos[0], QUESTION],
+             [{"role": "user", "content": [photos[1], "Describe it."]},
+              {"role": "assistant", "content": "An old camera."},
+              {"role": "user", "content": [photos[2], "And this one?"]}],
+             "A cup of coffee."]
+    forces = [True, False, False, True]
+    settings = {"do_sample": False, "max_new_tokens": 40, "decode_images": False}
+    batch = pipe.generate(convs, force_image=forces, **settings)
+    assert len(batch) == len(convs)
+    for conv, force, got in zip(convs, forces, batch):
+        alone = pipe.chat(conv, force_image=force, **settings)
+        assert got.token_ids.tolist() == alone.token_ids.tolist()
+        assert [c.tolist() for c in got.codes] == [c.tolist() for c in alone.codes]
+        assert got.text == alone.text
+    assert len(batch[0].codes) == len(batch[3].codes) == 1  # forced rows: an image each
+    several = pipe.generate(convs[:2], force_image=[True, False], num_return_sequences=2, seed=0,
+                            max_new_tokens=40, decode_images=False)
+    assert len(several) == 4 and [len(r.codes) >= 1 for r in several[:2]] == [True, True]
+    assert not any(r.errors for r in several)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_tokenizer_without_image_tokens_is_extended_and_lm_resized(tmp_path):
+    tok = bpe_tokenizer(with_image_tokens=False)
+    n = len(tok)
+    tiny_llama(n).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    pipe = SeedLlama.from_pretrained(tmp_path, image_tokenizer="seed2_tiny")
+    assert len(pipe.tokenizer) == n + 8192 + 2 and pipe.image_ids.codes.tolist() == list(range(n, n + 8192))
+    assert pipe._model is None  # lazy: nothing loaded yet
+    assert pipe.model.get_input_embeddings().num_embeddings == len(pipe.tokenizer)
+    reply = pipe.chat("Draw a dog.", force_image=True, seed=1, max_new_tokens=40, decode_images=False)
+    assert reply.errors == [] and len(reply.codes) == 1
+
+
+def in_threads(fn, n: int = 4) -> list:
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(fn())) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
+def test_lm_and_image_tokenizer_load_lazily_once_across_threads(llm_folder):
+    calls = []
+
+    def load_lm():
+        calls.append("lm")
+        time.sleep(0.2)
+        return tiny_llama(len(tok))
+
+    def load_image_tokenizer():
+        calls.append("image")
+        time.sleep(0.2)
+        return seed.Tokenizer.from_config(seed.load_config("seed2_tiny"), device="cpu")
+
+    tok = AutoTokenizer.from_pretrained(llm_folder)
+    pipe = SeedLlama(load_lm, tok, load_image_tokenizer)
+    assert calls == []
+    models = in_threads(lambda: pipe.model)
+    assert calls == ["lm"] and len(models) == 4 and all(m is models[0] for m in models)
+    reply = pipe.chat("hello", do_sample=False, max_new_tokens=5)  # text only: no image tokenizer needed
+    assert calls == ["lm"] and isinstance(reply.text, str)
+    toks = in_threads(lambda: pipe.image_tokenizer)
+    assert calls == ["lm", "image"] and all(t is toks[0] for t in toks)
+
+
+def test_quantized_loading_and_device_map_need_the_llama_extra(llm_folder):
+    import importlib.util
+
+    with pytest.raises(InputError, match="exclude"):
+        SeedLlama.from_pretrained(llm_folder, load_in_8bit=True, load_in_4bit=True)
+    missing = [m for m in ("accelerate", "bitsandbytes") if importlib.util.find_spec(m) is None]
+    if not missing:
+        pytest.skip("the llama extra is installed")
+    with pytest.raises(ImportError, match=rf"8-bit/4-bit loading needs {' and '.join(missing)}: .*seed\[llama\]"):
+        SeedLlama.from_pretrained(llm_folder, load_in_4bit=True)
+    if "accelerate" in missing:
+        with pytest.raises(ImportError, match=r"device_map='auto' needs accelerate"):
+            SeedLlama.from_pretrained(llm_folder, device_map="auto")
+
+
+def test_bad_inputs_are_named(pipe, tmp_path):
+    with pytest.raises(CheckpointError, match="nothing-here"):
+        SeedLlama.from_pretrained(tmp_path / "nothing-here")
+    with pytest.raises(InputError, match="unknown template 'alpaca'"):
+        pipe.prompts(["hi"], template="alpaca")
+    with pytest.raises(InputError, match="last message must be the user's"):
+        pipe.prompts([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]])
+    with pytest.raises(InputError, match="conversation 1, part 1"):
+        pipe.prompts(["fine", ["text", 3.5]])
+    with pytest.raises(InputError, match="bad codes"):
+        pipe.prompts([[{"type": "image", "codes": [1] * 31}]])
+    with pytest.raises(InputError, match="list of conversations"):
+        pipe.generate("hi")
+    with pytest.raises(InputError, match="force_image has 1 values for 2"):
+        pipe.prompts(["a", "b"], force_image=[True])
+    seed1 = SeedLlama(pipe.model, pipe.tokenizer, "seed_tiny")
+    with pytest.raises(InputError, match="image tokenizer is seed1"):
+        seed1.prompts([[PHOTOS[0], "hi"]])
+
+
+# --------------------------------------------------------------------------- the script
+
+
+SCRIPT = ROOT / "scripts" / "seed_llama.py"
+
+
+def test_script_help_is_fast():
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--force-image" in out.stdout
+    assert time.perf_counter() - t < 3
+
+
+def test_script_one_shot_writes_images_and_transcript(llm_folder, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--llm", str(llm_folder), "--image-tokenizer", "seed2_tiny",
+           "--prompt", "Make the cat wear sunglasses.", "--image", str(PHOTOS[0]), "--force-image",
+           "--max-new-tokens", "50", "--seed", "0", "--steps", "2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    md = (out / "transcript.md").read_text()
+    assert "Make the cat wear sunglasses." in md and "![generated image 1](image_01.png)" in md
+    assert (out / "input_01.png").read_bytes() == Path(PHOTOS[0]).read_bytes()
+    with Image.open(out / "image_01.png") as im:
+        assert im.size == (64, 64)
+    codes = json.loads((out / "codes.json").read_text())
+    assert list(codes) == ["image_01.png"] and len(codes["image_01.png"]) == 32
+
+
+def test_script_interactive_chat(llm_folder, tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import seed_llama as script
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    lines = [f"/image {PHOTOS[1]}", "What is this?", "/draw a red car", "/image missing.png", "/quit", "ignored"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    out = tmp_path / "chat"
+    assert script.main(["--llm", str(llm_folder), "--image-tokenizer", "seed2_tiny", "--greedy",
+                        "--max-new-tokens", "40", "--out", str(out), "diffusion.steps=2"]) == 0
+    md = (out / "transcript.md").read_text()
+    assert md.count("**User:**") == 2 and md.count("**Assistant:**") == 2
+    assert "What is this?" in md and "a red car" in md and "![generated image 1](image_01.png)" in md
+    assert "ignored" not in md
+    assert (out / "image_01.png").is_file() and "missing.png: no such file" in capsys.readouterr().err

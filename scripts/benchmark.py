@@ -19,14 +19,27 @@ import sys
 import tempfile
 import time
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+from typing import TYPE_CHECKING
 
-import seed
-from seed.config import resolve_path
-from seed.diffusion import SD_CONFIGS
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    import seed
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+"""--dtype name -> torch dtype name."""
+
+
+def import_heavy() -> None:
+    """torch and seed, imported once the arguments are parsed, so --help answers at once."""
+    global torch, seed, FlopCounterMode, resolve_path, SD_CONFIGS
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import seed
+    from seed.config import resolve_path
+    from seed.diffusion import SD_CONFIGS
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 """Dense fp16/bf16 tensor-core peaks (TFLOP/s) for MFU."""
 
@@ -58,7 +71,10 @@ def peak_memory_gb(device: torch.device) -> float:
 def bench_encode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
     """Encode images/s and its time over a bare vision-tower forward on the same pixels."""
     g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(args.batch_size, 3, tok.image_size, tok.image_size, generator=g).to(device)
+    from seed.images import CLIP_MEAN, CLIP_STD  # random [0, 1] images, CLIP-normalized as encode requires
+
+    pixels = torch.rand(args.batch_size, 3, tok.image_size, tok.image_size, generator=g)
+    pixels = ((pixels - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]).to(device)
     dtype = tok.vision.patch_embed.proj.weight.dtype
 
     def bare_vit():
@@ -87,6 +103,27 @@ def bench_encode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
         out["encode_tflops"] = fc.get_total_flops() / t_enc / 1e12
         out["encode_mfu"] = out["encode_tflops"] / peak if peak else None
     return out
+
+
+def fp16_all_agreement(cfg, args, device: torch.device) -> float:
+    """Share of codes equal between everything-fp32 and ``model.precision=fp16-all`` (the original
+    SEED-2 path, whose codes SEED-LLaMA learned), same weights, on ``--batch-size`` real-looking
+    random images (uniform [0, 1] pixels, CLIP-normalized). Random weights give a near-tie-prone
+    codebook: use --real-weights for a number that says something about the released model."""
+    from omegaconf import OmegaConf
+
+    from seed.images import CLIP_MEAN, CLIP_STD
+
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(args.batch_size, 3, cfg.model.image_size, cfg.model.image_size, generator=g)
+    pixels = ((rgb - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]).to(device)
+    codes = []
+    for precision, dtype in (("default", torch.float32), ("fp16-all", None)):
+        tok = seed.Tokenizer.from_config(OmegaConf.merge(cfg, {"model": {"precision": precision}}),
+                                         device=device, dtype=dtype)  # random weights: the same seed
+        codes.append(tok.encode(pixels))
+        del tok
+    return (codes[0] == codes[1]).float().mean().item()
 
 
 def random_sd_at_real_size(cfg) -> None:
@@ -146,7 +183,7 @@ def bench_load(tok: seed.Tokenizer) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/seed_tokenizer.yaml")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=None, help="encode batch (default 64 on CUDA, 2 on CPU)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="vision tower dtype (default fp16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the vision tower (CUDA)")
@@ -157,18 +194,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--decode-size", type=int, default=None, help="decode height=width (default: config)")
     p.add_argument("--skip-load", action="store_true", help="skip the save/load measurement")
+    p.add_argument("--real-weights", action="store_true",
+                   help="load the config's checkpoint files (default: random weights); makes the fp32 vs "
+                        "fp16-all code agreement (CUDA) meaningful")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    import_heavy()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 2)
     args.samplers = args.samplers if args.samplers is not None else (["pndm:50", "dpm:25"] if device.type == "cuda" else [])
     logging.basicConfig(level=logging.WARNING)
 
-    cfg = seed.load_config(args.config, "checkpoints.vision=null", "checkpoints.qformer=null",
-                           "checkpoints.codebook=null", *args.overrides)
+    no_files = [] if args.real_weights else ["checkpoints.vision=null", "checkpoints.qformer=null",
+                                             "checkpoints.codebook=null", "checkpoints.quantizer=null"]
+    cfg = seed.load_config(args.config, *no_files, *args.overrides)
     if args.samplers:
         random_sd_at_real_size(cfg)
-    tok = seed.Tokenizer.from_config(cfg, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    tok = seed.Tokenizer.from_config(cfg, device=device, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None)
     if args.compile:
         tok.compile_vision()
     result = {
@@ -179,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         "compile": args.compile,
         **bench_encode(tok, args, device),
     }
+    if device.type == "cuda":
+        result["codes_equal_fp32_vs_fp16_all"] = fp16_all_agreement(cfg, args, device)
     if args.samplers:
         args.decode_size = args.decode_size or int(cfg.diffusion.height)
         result.update(bench_decode(tok, args, device))

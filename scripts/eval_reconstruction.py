@@ -17,21 +17,19 @@ import argparse
 import csv
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image
-from transformers import CLIPImageProcessor, CLIPModel
-
-import seed
-from seed.dataset import IMAGE_EXTENSIONS, is_image_name
-from seed.device import default_device
-from seed.images import open_image
+if TYPE_CHECKING:  # imported in main(), after the arguments are parsed: --help answers at once
+    import torch
+    from PIL import Image
 
 TILE = 256
 
 
 def load_clip(name: str, allow_download: bool, device: torch.device):
     """The CLIP model and its image processor."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
     try:
         model = CLIPModel.from_pretrained(name, local_files_only=not allow_download)
         processor = CLIPImageProcessor.from_pretrained(name, local_files_only=not allow_download)
@@ -41,20 +39,32 @@ def load_clip(name: str, allow_download: bool, device: torch.device):
     return model.to(device).eval(), processor
 
 
-@torch.inference_mode()
 def clip_embed(model, processor, images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> L2-normalized CLIP image embeddings, float32 [N, projection_dim] on the CPU."""
+    import torch
+
+    with torch.inference_mode():
+        return _clip_embed(model, processor, images)
+
+
+def _clip_embed(model, processor, images: list[Image.Image]) -> torch.Tensor:
+    import torch
+
     pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
     return torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(),
                                          dim=-1).cpu()
 
 
 def thumbnail(img: Image.Image) -> Image.Image:
+    from PIL import Image
+
     return img.convert("RGB").resize((TILE, TILE), Image.BICUBIC)
 
 
 def grid(rows: list[list[Image.Image]]) -> Image.Image:
     """Rows of TILE x TILE thumbnails -> one image."""
+    from PIL import Image
+
     out = Image.new("RGB", (max(len(r) for r in rows) * TILE, len(rows) * TILE), "white")
     for y, row in enumerate(rows):
         for x, img in enumerate(row):
@@ -66,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/seed_tokenizer.yaml")
-    ap.add_argument("--images", required=True, help="folder of images")
+    ap.add_argument("--images", required=True,
+                    help="a folder of images (found as tokenize_dataset.py finds them: recursively, by "
+                         "extension, symlinked folders and .tar shards included), a .tar shard or a list file")
     ap.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP model: hub id or local folder")
     ap.add_argument("--allow-download", action="store_true", help="let transformers download the CLIP model")
     ap.add_argument("--out", default="outputs/eval_reconstruction", help="where scores.csv and grid.png go")
@@ -76,10 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. diffusion.steps=25)")
     args = ap.parse_args(argv)
 
-    folder = Path(args.images)
-    paths = sorted(p for p in folder.iterdir() if is_image_name(p.name)) if folder.is_dir() else []
-    if not paths:
-        print(f"error: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}", file=sys.stderr)
+    import torch
+
+    import seed
+    from seed.dataset import IMAGE_EXTENSIONS, discover, read_item
+    from seed.device import default_device
+
+    try:
+        items = discover(args.images)  # the listing a dataset run uses
+    except seed.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not items:
+        print(f"error: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {args.images}", file=sys.stderr)
         return 1
     device = torch.device(args.device) if args.device else default_device()
     clip, processor = load_clip(args.clip, args.allow_download, device)
@@ -94,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     scores: dict[str, float] = {}
     rows: list[list[Image.Image]] = []  # the grid's first --grid-rows rows: input | reconstructions
     skipped = 0
-    for start in range(0, len(paths), args.batch_size):
+    for start in range(0, len(items), args.batch_size):
         batch, names = [], []
-        for p in paths[start:start + args.batch_size]:
+        for item in items[start:start + args.batch_size]:
             try:
-                batch.append(open_image(p))
-                names.append(p)
+                batch.append(read_item(item))
+                names.append(item.id)
             except seed.InputError as e:
                 skipped += 1
                 print(f"skipped: {e}", file=sys.stderr)
@@ -109,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         k = len(recons) // len(batch)  # samples per input, grouped per input
         inputs, outputs = clip_embed(clip, processor, batch), clip_embed(clip, processor, recons)
         sims = (outputs.view(len(batch), k, -1) * inputs[:, None]).sum(-1).mean(1)
-        for i, p in enumerate(names):
-            scores[p.name] = sims[i].item()
+        for i, name in enumerate(names):
+            scores[name] = sims[i].item()
             samples = recons[i * k:(i + 1) * k]
+            p = Path(name.replace("/", "__"))  # ids of nested files: one flat output folder
             for j, img in enumerate(samples):
                 img.save(out / f"{p.stem}{p.suffix.replace('.', '_')}_recon{j}.png")
             if len(rows) < args.grid_rows:
                 rows.append([thumbnail(img) for img in (batch[i], *samples)])
-            print(f"{p.name}\t{scores[p.name]:.4f}", flush=True)
+            print(f"{name}\t{scores[name]:.4f}", flush=True)
     if not scores:
         print("error: no image could be read", file=sys.stderr)
         return 1

@@ -1,174 +1,555 @@
-"""Tokenizing a whole dataset: input discovery, a fault-tolerant image Dataset, resumable JSONL output.
+"""Tokenizing a whole dataset: input listing, a fault-tolerant image Dataset, a locked, resumable output folder.
 
-Used by ``scripts/tokenize_dataset.py``. Each process (a torchrun rank) takes a deterministic
-share of the sorted image ids, skips the ids already in the output folder, and appends one
-JSON line per image to its own ``codes-rankNNNNN.jsonl`` (bad inputs to ``errors-rankNNNNN.jsonl``),
-a batch at a time with flush + fsync, so a crash loses at most the batch being written and a
-rerun repairs the torn line and carries on.
+Used by ``scripts/tokenize_dataset.py`` (and, for the listing, ``check_image.py`` and
+``eval_reconstruction.py``, so all three find the same files). The sorted image ids are cut into
+chunks of ``chunk_size`` ids; chunk ``k`` goes to rank ``k % world_size``, whose rows go to
+``OUT/codes/K.jsonl`` (bad inputs to ``OUT/errors/K.jsonl``), a batch at a time with flush +
+fsync; a finished chunk gets a marker ``OUT/done/K.json``. A rerun skips the chunks with a marker
+by their name alone and reads only the rows of unfinished chunks (at most one per rank of the
+interrupted run), so resuming costs the same at 10M rows as at 10k. ``OUT/run.json`` records what
+made the rows (the model config, a hash of each weight file, the listing's hash, the output
+format); a rerun that differs is refused. ``OUT/.lock`` keeps a second run out of the folder.
+
+This module imports only the standard library at import time (torch and the image code load when
+a run starts), so scripts can check their arguments and the output folder first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
 import io
 import json
 import logging
+import math
+import operator
 import os
-import re
+import signal
+import socket
 import tarfile
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from typing import IO, Any, NamedTuple
 
 from .errors import InputError
-from .images import open_image, preprocess_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 """File (and tar member) name endings taken as images, case-insensitive; other files are ignored."""
 
-RANK_FILE = re.compile(r"^(codes|errors)-rank(\d{5})\.jsonl$")
+MAX_CHUNK_SIZE = 10_000
+"""The default chunk size for large inputs: a resume reads at most this many rows per unfinished chunk."""
+
+FORMATS = ("codes", "text", "codes+text")
+"""What each row holds besides the image id: the 32 codes, their SEED-LLaMA text
+(`seed.llm.codes_to_text`), or both."""
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One image to tokenize: a file, or a member of an uncompressed tar at ``offset`` / ``size``.
+# --- listing -------------------------------------------------------------------------------------
 
-    ``error`` is set for an input that is already known to be bad (an unreadable tar shard).
+class Item(NamedTuple):
+    """One image: a file (``source`` is the folder its ``id`` is relative to), or a member of an
+    uncompressed tar (``source`` is the shard's path; the member's bytes are at ``offset``/``size``).
+
+    ``error`` is set for an input already known to be bad (an unreadable tar shard).
     """
 
     id: str
-    path: str
+    source: str
     offset: int | None = None
     size: int | None = None
     error: str | None = None
 
+    @property
+    def path(self) -> str:
+        """The file holding the image (the tar shard for a member)."""
+        return os.path.join(self.source, self.id) if self.offset is None and self.error is None else self.source
+
+    @property
+    def name(self) -> str:
+        """A human name for messages: the file's path, or ``shard.tar:member``."""
+        return self.path if self.offset is None else f"{self.source}:{self.id}"
+
 
 def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _tar_items(path: Path, shard_id: str) -> list[Item]:
+def _tar_items(path: str, shard_id: str) -> list[Item]:
     """The image members of a tar shard; an unreadable shard (or tail) becomes an error item."""
     items = []
     try:
         with tarfile.open(path, "r:") as tf:  # uncompressed only: members are read by offset
             for m in tf:
                 if m.isfile() and is_image_name(m.name):
-                    items.append(Item(f"{shard_id}/{m.name}", str(path), m.offset_data, m.size))
+                    items.append(Item(f"{shard_id}/{m.name}", path, m.offset_data, m.size))
     except (tarfile.TarError, OSError) as e:
-        items.append(Item(shard_id, str(path), error=f"{path}: cannot read the tar shard "
-                                                     f"(uncompressed .tar only; truncated?): {e}"))
+        items.append(Item(shard_id, path, error=f"{path}: cannot read the tar shard "
+                                                f"(uncompressed .tar only; truncated?): {e}"))
     return items
 
 
-def _expand(path: Path, item_id: str) -> list[Item]:
-    if path.suffix.lower() == ".tar" and path.is_file():
-        return _tar_items(path, item_id)
-    return [Item(item_id, str(path))]
+def _is_tar(path: str) -> bool:
+    return path.lower().endswith(".tar") and os.path.isfile(path)
+
+
+def _walk(root: str) -> Iterator[tuple[str, str]]:
+    """(relative folder prefix, file name) for every file under ``root``, following symlinked
+    folders; a folder reached a second time (a symlink cycle, or two links to one folder) is
+    skipped with a warning, so every real folder is listed once."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            logger.warning("%s: a folder already listed (symlink cycle or second link); skipped", dirpath)
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        for name in filenames:
+            yield prefix, name
 
 
 def discover(src: str | os.PathLike) -> list[Item]:
     """All images of an input, sorted by id, each id once.
 
-    ``src`` is a folder (searched recursively; image files by extension and ``.tar`` shards;
-    ids are paths relative to it), a ``.tar`` shard (ids ``shard.tar/member``), or a text file
-    listing one path per line (files or ``.tar`` shards; relative paths are relative to the
-    list's folder; blank lines and ``#`` comments are skipped; ids are the paths as written).
-    A listed path that does not exist is kept: it fails later as an error row.
+    ``src`` is a folder (searched recursively, symlinked sub-folders followed; image files by
+    extension and ``.tar`` shards; ids are paths relative to it), a ``.tar`` shard (ids
+    ``shard.tar/member``), or a text file listing one path per line (files or ``.tar`` shards;
+    relative paths are relative to the list's folder; blank lines and ``#`` comments are skipped;
+    ids are the paths as written). A listed path that does not exist is kept: it fails later as an
+    error row. This is the one listing used by the dataset run, ``check_image.py`` and
+    ``eval_reconstruction.py``.
     """
-    src = Path(src)
+    src = os.fspath(src)
     items: list[Item] = []
-    if src.is_dir():
-        for dirpath, dirnames, filenames in os.walk(src):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if is_image_name(name) or name.lower().endswith(".tar"):
-                    p = Path(dirpath) / name
-                    items += _expand(p, p.relative_to(src).as_posix())
-    elif src.suffix.lower() == ".tar" and src.is_file():
-        items = _tar_items(src, src.name)
-    elif src.is_file():
+    if os.path.isdir(src):
+        for prefix, name in _walk(src):
+            if is_image_name(name):
+                items.append(Item(prefix + name, src))
+            elif name.lower().endswith(".tar") and os.path.isfile(os.path.join(src, prefix, name)):
+                items += _tar_items(os.path.join(src, prefix, name), prefix + name)
+    elif _is_tar(src):
+        items = _tar_items(src, os.path.basename(src))
+    elif os.path.isfile(src):
+        base = os.path.dirname(src)
         try:
-            lines = src.read_text(encoding="utf-8").splitlines()
+            with open(src, encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if line and line[0] != "#":
+                        if line[-4:].lower() == ".tar" and _is_tar(os.path.join(base, line)):
+                            items += _tar_items(os.path.join(base, line), line)
+                        else:
+                            items.append(Item(line, base))
         except UnicodeDecodeError:
             raise InputError(f"{src}: expected a folder, a .tar shard or a text file listing paths "
                              f"(one per line); this file is not UTF-8 text") from None
-        for line in lines:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                items += _expand(src.parent / line, line)
     else:
         raise InputError(f"{src}: no such file or folder")
-    unique = {}
-    for item in items:
-        if item.id in unique:
-            logger.warning("%s: listed more than once; tokenized once", item.id)
-        unique.setdefault(item.id, item)
-    return [unique[k] for k in sorted(unique)]
+    items.sort(key=operator.itemgetter(0))  # by id
+    unique = [it for i, it in enumerate(items) if i == 0 or it.id != items[i - 1].id]
+    if len(unique) < len(items):
+        logger.warning("%d id(s) listed more than once in %s; each tokenized once", len(items) - len(unique), src)
+    return unique
 
 
-def shard(items: Sequence[Item], rank: int, world_size: int) -> list[Item]:
-    """This rank's share of the sorted items: every ``world_size``-th one from ``rank``."""
-    return list(items[rank::world_size])
+def listing_hash(items: Sequence[Item]) -> str:
+    """sha256 of the sorted ids (what a rerun must find again for the chunks to line up)."""
+    h = hashlib.sha256()
+    for start in range(0, len(items), 65536):
+        h.update("\n".join(it.id for it in items[start:start + 65536]).encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
 
 
-class ImageDataset(Dataset):
-    """Decodes and preprocesses images; never raises for a bad image.
+def item_source(item: Item) -> str | IO[bytes]:
+    """What `seed.images.open_image` reads for an item: its path, or a tar member's bytes
+    (a file object named ``shard.tar:member``). Raises `InputError` for a known-bad item."""
+    if item.error is not None:
+        raise InputError(item.error)
+    if item.offset is None:
+        return item.path
+    with open(item.source, "rb") as f:
+        f.seek(item.offset)
+        data = io.BytesIO(f.read(item.size))
+    data.name = item.name
+    return data
 
-    Each item is a dict ``{"id": str, "pixels": float32 [3,S,S] or None, "error": str or None}``.
+
+def read_item(item: Item):
+    """The item as an 8-bit RGB PIL image; `InputError` naming it if it cannot be read."""
+    from .images import open_image
+
+    return open_image(item_source(item))
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+class ImageDataset:
+    """A map-style Dataset that decodes and preprocesses images and never raises for a bad one.
+
+    Each element is a dict ``{"id": str, "chunk": int, "pixels": float32 [3,S,S] or None,
+    "error": str or None}``; ``chunks[i]`` is the output chunk of ``items[i]`` (default 0).
     """
 
-    def __init__(self, items: Sequence[Item], image_size: int):
+    def __init__(self, items: Sequence[Item], image_size: int, chunks: Sequence[int] | None = None,
+                 resample: str = "bicubic"):
         self.items = list(items)
+        self.chunks = list(chunks) if chunks is not None else [0] * len(self.items)
         self.image_size = image_size
+        self.resample = resample
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
+        from .images import preprocess_image
+
         item = self.items[i]
         try:
-            if item.error is not None:
-                raise InputError(item.error)
-            if item.offset is None:
-                src = item.path
-            else:
-                with open(item.path, "rb") as f:
-                    f.seek(item.offset)
-                    src = io.BytesIO(f.read(item.size))
-                src.name = f"{item.path}:{item.id}"
-            pixels = preprocess_image(open_image(src), self.image_size)
-            return {"id": item.id, "pixels": pixels, "error": None}
+            img = read_item(item)
+            pixels = preprocess_image(img, self.image_size, self.resample)
+            return {"id": item.id, "chunk": self.chunks[i], "pixels": pixels, "error": None}
         except Exception as e:  # one bad image must not kill the worker or the run
-            msg = str(e) if isinstance(e, InputError) else f"{item.path}: {type(e).__name__}: {e}"
-            return {"id": item.id, "pixels": None, "error": msg}
+            msg = str(e) if isinstance(e, InputError) else f"{item.name}: {type(e).__name__}: {e}"
+            return {"id": item.id, "chunk": self.chunks[i], "pixels": None, "error": msg}
 
 
 def collate(rows: list[dict]) -> dict:
-    """Rows -> ``{"ids": [good ids], "pixels": float32 [B,3,S,S] or None, "errors": [(id, message)]}``."""
+    """Rows -> ``{"ids", "chunks": of the good rows, "pixels": float32 [B,3,S,S] or None,
+    "errors": [(id, chunk, message)]}``."""
+    import torch
+
     good = [r for r in rows if r["error"] is None]
     return {
         "ids": [r["id"] for r in good],
+        "chunks": [r["chunk"] for r in good],
         "pixels": torch.stack([r["pixels"] for r in good]) if good else None,
-        "errors": [(r["id"], r["error"]) for r in rows if r["error"] is not None],
+        "errors": [(r["id"], r["chunk"], r["error"]) for r in rows if r["error"] is not None],
     }
 
 
-def rank_file(out_dir: str | os.PathLike, kind: str, rank: int) -> Path:
-    """``OUT/codes-rank00000.jsonl`` (kind ``"codes"``) or ``OUT/errors-rank00000.jsonl``."""
-    return Path(out_dir) / f"{kind}-rank{rank:05d}.jsonl"
+def _worker_init(_: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops the run cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def output_files(out_dir: str | os.PathLike) -> list[Path]:
-    """Every codes and errors file in ``out_dir``, whichever world size wrote it."""
+# --- the output folder: lock, run record, chunks -------------------------------------------------
+
+class OutputError(InputError):
+    """The output folder cannot be used: held by another run, not writable, or holding rows of
+    another model, config or input."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (to tell a live holder from a reused pid); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputLock:
+    """``OUT/.lock``: one run at a time per output folder.
+
+    The file is held with ``flock`` for the whole run and holds ``{"pid", "host", "since",
+    "start"}`` of the holder. A second run fails at once naming the holder. A lock whose holder is
+    gone (no flock held and its pid dead on this host, or an empty file after a clean exit) is
+    taken over; a lock left by a process on another host, which this host cannot check, is
+    refused with how to clear it. The file stays in place (emptied) after the run: removing it
+    could let two runs lock two different files.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = Path(out_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot write to the output folder {self.path.parent}: {e.strerror}") from None
+        try:
+            flocked = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputError(self._held_message(self._read(fd), "is writing to it")) from None
+            except OSError as e:  # a filesystem without flock: go by the file's contents alone
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                flocked = False
+            holder = self._read(fd)
+            if holder:
+                self._check_stale(holder, flocked)
+            me = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "start": _process_start(os.getpid())}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    @staticmethod
+    def _read(fd: int) -> dict | None:
+        data = os.pread(fd, 4096, 0)
+        try:
+            return json.loads(data) if data.strip() else None
+        except ValueError:
+            return {"pid": None, "host": "?", "since": "?", "raw": data[:200].decode(errors="replace")}
+
+    def _held_message(self, holder: dict | None, doing: str) -> str:
+        who = (f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
+               if holder else "another process")
+        return f"{self.path.parent} is in use: {who} {doing}; wait for it to finish or use another --output"
+
+    def _check_stale(self, holder: dict, flocked: bool) -> None:
+        pid, host = holder.get("pid"), holder.get("host")
+        if host == socket.gethostname() and isinstance(pid, int):
+            alive = _pid_alive(pid) and (holder.get("start") in (None, _process_start(pid)))
+            if alive and pid != os.getpid():
+                if not flocked:
+                    raise OutputError(self._held_message(holder, "is writing to it"))
+                # flock is free but the process lives: it is not running in this folder any more
+            logger.warning("%s: taking over a stale lock of pid %s on this host (since %s), which %s",
+                           self.path, pid, holder.get("since"), "is gone" if not alive else "no longer holds it")
+            return
+        raise OutputError(self._held_message(holder, "last held it and did not release it") + (
+            f". This host cannot tell whether it still runs; if it does not, delete {self.path} and rerun"))
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # an empty lock file: nobody holds the folder
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def chunk_file(out_dir: str | os.PathLike, kind: str, k: int) -> Path:
+    """``OUT/codes/000012.jsonl``, ``OUT/errors/000012.jsonl`` or the marker ``OUT/done/000012.json``."""
+    return Path(out_dir) / kind / f"{k:06d}.json{'' if kind == 'done' else 'l'}"
+
+
+def done_chunks(out_dir: str | os.PathLike) -> set[int]:
+    """The chunks with a done marker: one directory listing, no file read."""
+    d = Path(out_dir) / "done"
+    if not d.is_dir():
+        return set()
+    return {int(name[:-5]) for name in os.listdir(d) if name.endswith(".json") and name[:-5].isdigit()}
+
+
+def has_rows(out_dir: str | os.PathLike) -> bool:
+    """Whether any row has been written to ``out_dir``."""
+    for kind in ("codes", "errors"):
+        d = Path(out_dir) / kind
+        if d.is_dir() and any(name.endswith(".jsonl") for name in os.listdir(d)):
+            return True
+    return False
+
+
+def default_chunk_size(num_images: int, world_size: int) -> int:
+    """About four chunks per process, each of 100 to `MAX_CHUNK_SIZE` images."""
+    return max(100, min(MAX_CHUNK_SIZE, math.ceil(num_images / (4 * world_size))))
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """A weight file's size and sha256 (its identity, wherever it was copied to)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"size": os.path.getsize(path), "sha256": digest}
+
+
+def model_fingerprint(cfg: Any, vision_dtype: str) -> dict:
+    """What decides the codes: the config's ``model`` section, each weight file's size + sha256
+    (``null`` for random weights, which come from a fixed seed) and the vision tower's dtype.
+
+    Paths, decode settings and batch sizes are left out: they do not change the codes.
+    """
+    from omegaconf import OmegaConf
+
+    from .config import resolve_path
+
+    weights = {}
+    for name, path in OmegaConf.to_container(cfg.checkpoints, resolve=True).items():
+        if path is None:
+            weights[name] = None
+            continue
+        p = resolve_path(path)
+        if not p.is_file():
+            raise InputError(f"checkpoints.{name}: weight file not found: {p}")
+        weights[name] = file_identity(p)
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": weights,
+            "vision_dtype": vision_dtype}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) and v else f"{prefix}{k}"))
+    return out
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """``["model.image_size: 56 in run.json, 28 now", ...]`` for every key that differs."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k.rstrip('.')}: {json.dumps(a.get(k))} in run.json, {json.dumps(b.get(k))} now"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _utcnow() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        data = json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not valid Unicode: JSON escapes
+        data = json.dumps(obj, indent=1).encode("ascii")
+    with open(tmp, "wb") as f:
+        f.write(data + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prepare_output(out_dir: str | os.PathLike, items: Sequence[Item], fingerprint: dict, fmt: str,
+                   chunk_size: int | None, world_size: int, force_mismatch: bool = False,
+                   input_name: str = "") -> dict:
+    """Check or create ``OUT/run.json``; returns the run record (``chunk_size`` and ``chunks`` included).
+
+    A new folder records the fingerprint, the listing (count + hash), the format and the chunk
+    size. An existing one must match: another listing or format is an `OutputError` (its chunks
+    would not line up); another model fingerprint is one too, naming each difference, unless
+    ``force_mismatch`` (then the new fingerprint is appended to ``forced`` and rows of both
+    models share the folder). A record with no rows written yet is simply replaced. Call it with
+    the folder locked (`OutputLock`).
+    """
     out = Path(out_dir)
-    return sorted(p for p in out.iterdir() if RANK_FILE.match(p.name)) if out.is_dir() else []
+    for kind in ("codes", "errors", "done"):
+        (out / kind).mkdir(exist_ok=True)
+    if any(out.glob("codes-rank*.jsonl")):
+        raise OutputError(f"{out} holds output of an older seed version (codes-rank*.jsonl); use a new --output")
+    run_json = out / "run.json"
+    listing = {"images": len(items), "listing_sha256": listing_hash(items)}
+    if run_json.is_file():
+        try:
+            record = json.loads(run_json.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise OutputError(f"{run_json}: not valid JSON ({e}); restore it or use a new --output") from None
+        if has_rows(out):
+            problems = []
+            if record.get("format") != fmt:
+                problems.append(f"its rows are --format {record.get('format')}, this run asks for --format {fmt}")
+            if {k: record.get(k) for k in listing} != listing:
+                problems.append(f"the input changed: {record.get('images')} images then, {len(items)} now"
+                                f"{' (same count, other ids)' if record.get('images') == len(items) else ''}; "
+                                f"tokenize new images into another --output")
+            if problems:
+                raise OutputError(f"{out} cannot be resumed by this run: " + "; ".join(problems))
+            if chunk_size is not None and chunk_size != record["chunk_size"]:
+                logger.warning("%s: resuming with the folder's --chunk-size %d (not %d)", out,
+                               record["chunk_size"], chunk_size)
+            latest = record["forced"][-1]["fingerprint"] if record.get("forced") else record["fingerprint"]
+            diff = fingerprint_diff(latest, fingerprint)
+            if diff:
+                if not force_mismatch:
+                    raise OutputError(
+                        f"{out} holds rows of another model or config than this run's, so resuming would mix "
+                        f"codes: " + "; ".join(diff) + ". Use another --output, or pass --force-mismatch "
+                        "to add rows from this model anyway (recorded in run.json)")
+                logger.warning("%s: --force-mismatch: adding rows from another model (%s)", out, "; ".join(diff))
+                record.setdefault("forced", []).append({"time": _utcnow(), "fingerprint": fingerprint})
+                _write_json_atomic(run_json, record)
+            return record
+        logger.info("%s: run.json without rows: starting afresh", out)
+    from . import __version__
+
+    size = chunk_size or default_chunk_size(len(items), world_size)
+    record = {"format_version": 1, "created": _utcnow(), "seed_version": __version__, "input": input_name,
+              **listing, "chunk_size": size, "chunks": math.ceil(len(items) / size), "format": fmt,
+              "fingerprint": fingerprint}
+    _write_json_atomic(run_json, record)
+    return record
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends (then deliver them): a Ctrl-C never tears a line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        h = signal.getsignal(s)
+        if h is not None:
+            old[s] = h
+            signal.signal(s, lambda sig, frame: pending.append(sig))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in pending:
+            signal.raise_signal(s)
+
+
+def json_line(row: dict) -> bytes:
+    """One JSONL line, UTF-8 (names that are not ASCII stay readable); a name that is not valid
+    Unicode (undecodable bytes in a file name) is written with JSON escapes instead."""
+    try:
+        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(row) + "\n").encode("ascii")
 
 
 def repair(path: Path) -> int:
@@ -194,50 +575,46 @@ def repair(path: Path) -> int:
     return size - keep
 
 
-def read_ids(path: Path) -> set[str]:
-    """The ids in a JSONL output file; a torn last line (another rank may be writing it) is ignored."""
+def read_ids(path: Path) -> list[str]:
+    """The ids in a JSONL output file (call `repair` first)."""
+    if not path.is_file():
+        return []
+    ids = []
     with open(path, "rb") as f:
-        data = f.read()
-    ids = set()
-    for n, line in enumerate(data.split(b"\n")[:-1], 1):  # the piece after the last newline is torn
-        try:
-            ids.add(json.loads(line)["image"])
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"{path}, line {n}: not a valid output line ({line[:80]!r}); "
-                             f"fix or delete the line, then rerun") from None
+        for n, line in enumerate(f, 1):
+            try:
+                ids.append(json.loads(line)["image"])
+            except (ValueError, KeyError, TypeError):
+                raise OutputError(f"{path}, line {n}: not a valid output line ({line[:80]!r}); "
+                                  f"fix or delete the line, then rerun") from None
     return ids
 
 
-def finished_ids(out_dir: str | os.PathLike) -> set[str]:
-    """Ids already in any codes or errors file of ``out_dir`` (from any rank of any earlier run)."""
-    done: set[str] = set()
-    for p in output_files(out_dir):
-        done |= read_ids(p)
-    return done
-
-
 class JsonlWriter:
-    """Appends rows to a JSONL file, a batch at a time, each batch flushed and fsynced."""
+    """Appends rows to a JSONL file (created on the first row), a batch at a time, flushed and fsynced."""
 
     def __init__(self, path: Path):
-        new = not path.exists()
-        self.file = open(path, "a", encoding="utf-8")
-        if new:  # make the new file's directory entry durable too
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        self.path = path
+        self.file: IO[bytes] | None = None
 
     def write(self, rows: Iterable[dict]) -> None:
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        if text:
-            self.file.write(text)
+        data = b"".join(json_line(r) for r in rows)
+        if not data:
+            return
+        with signals_deferred():
+            if self.file is None:
+                new = not self.path.exists()
+                self.file = open(self.path, "ab")
+                if new:  # make the new file's directory entry durable too
+                    _fsync_dir(self.path.parent)
+            self.file.write(data)
             self.file.flush()
             os.fsync(self.file.fileno())
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 @dataclass
@@ -254,47 +631,124 @@ class Summary:
         return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
 
-def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, rank: int = 0, world_size: int = 1,
-                   batch_size: int = 64, num_workers: int = 4, progress: bool = True) -> Summary:
-    """Tokenize this rank's share of ``items`` into ``out_dir``, resuming where an earlier run stopped.
+@dataclass
+class _Chunk:
+    k: int
+    todo: list[Item]
+    codes: int = 0  # rows in the chunk's files so far
+    errors: int = 0
 
-    ``tok``: a `seed.Tokenizer`. Writes ``codes-rank{rank}.jsonl`` lines ``{"image": id, "codes": [32 ints]}``
-    and ``errors-rank{rank}.jsonl`` lines ``{"image": id, "error": message}``. Ids found in any
-    output file of ``out_dir`` are skipped. Rank 0 also repairs the files of ranks beyond
-    ``world_size`` (left by a run with more processes), which no rank appends to.
+
+def plan_chunks(out_dir: str | os.PathLike, items: Sequence[Item], chunk_size: int, rank: int = 0,
+                world_size: int = 1) -> tuple[list[_Chunk], int]:
+    """This rank's unfinished chunks (with the items still to do) and the number of items skipped.
+
+    Reads the ``done/`` listing, and the rows of this rank's chunks that have rows but no marker
+    (repairing a torn last line first); a chunk found complete gets its marker now.
     """
+    out = Path(out_dir)
+    done = done_chunks(out)
+    plan, skipped = [], 0
+    for k in range(rank, math.ceil(len(items) / chunk_size), world_size):
+        chunk = items[k * chunk_size:(k + 1) * chunk_size]
+        if k in done:
+            skipped += len(chunk)
+            continue
+        files = [chunk_file(out, kind, k) for kind in ("codes", "errors")]
+        for f in files:
+            repair(f)
+        codes_ids, error_ids = read_ids(files[0]), read_ids(files[1])
+        have = set(codes_ids) | set(error_ids)
+        todo = [it for it in chunk if it.id not in have]
+        skipped += len(chunk) - len(todo)
+        c = _Chunk(k, todo, len(codes_ids), len(error_ids))
+        if todo:
+            plan.append(c)
+        else:
+            _mark_done(out, c, chunk)
+    return plan, skipped
+
+
+def _mark_done(out: Path, c: _Chunk, chunk: Sequence[Item]) -> None:
+    with signals_deferred():
+        _write_json_atomic(chunk_file(out, "done", c.k), {
+            "chunk": c.k, "images": len(chunk), "codes": c.codes, "errors": c.errors,
+            "first": chunk[0].id if chunk else None, "last": chunk[-1].id if chunk else None})
+
+
+def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk_size: int, rank: int = 0,
+                   world_size: int = 1, batch_size: int = 64, num_workers: int = 4, fmt: str = "codes",
+                   progress: bool = True) -> Summary:
+    """Tokenize this rank's chunks of ``items`` (sorted, as from `discover`) into ``out_dir``.
+
+    ``tok``: a `seed.Tokenizer`. Chunk ``k`` (items ``k*chunk_size`` on) belongs to rank
+    ``k % world_size``; its rows go to ``codes/K.jsonl`` (``{"image": id, "codes": [32 ints]}``,
+    or ``"text"`` with ``fmt="text"``, both with ``"codes+text"``) and ``errors/K.jsonl``
+    (``{"image": id, "error": message}``), and ``done/K.json`` marks it finished. Rows already
+    in the folder are skipped. The folder must have been prepared (`prepare_output`) under
+    `OutputLock`. A KeyboardInterrupt stops between writes: every line on disk is complete.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    if fmt not in FORMATS:
+        raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    to_text = None
+    if fmt != "codes":
+        from .llm import codes_to_text as to_text
     start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mine = [rank_file(out, kind, rank) for kind in ("codes", "errors")]
-    orphans = [p for p in output_files(out) if rank == 0 and int(RANK_FILE.match(p.name)[2]) >= world_size]
-    for p in mine + orphans:
-        repair(p)
-    done = finished_ids(out)
-    share = shard(items, rank, world_size)
-    todo = [it for it in share if it.id not in done]
-    summary = Summary(skipped=len(share) - len(todo))
-    if summary.skipped:
-        logger.info("rank %d: %d of %d images already in %s, skipped", rank, summary.skipped, len(share), out)
-
+    plan, skipped = plan_chunks(out, items, chunk_size, rank, world_size)
+    summary = Summary(skipped=skipped)
+    if skipped:
+        logger.info("rank %d: %d images already in %s, skipped", rank, skipped, out)
+    todo = [it for c in plan for it in c.todo]
+    chunks = {c.k: c for c in plan}
+    remaining = {c.k: len(c.todo) for c in plan}
     num_workers = min(num_workers, -(-len(todo) // batch_size))  # no idle workers for a small share
-    loader = DataLoader(ImageDataset(todo, tok.image_size), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate, pin_memory=tok.device.type == "cuda")
-    codes_out, errors_out = JsonlWriter(mine[0]), JsonlWriter(mine[1])
+    resample = tok.cfg.model.get("image_resample", "bicubic")  # SEED-1 bicubic, SEED-2 bilinear
+    loader = DataLoader(ImageDataset(todo, tok.image_size, [c.k for c in plan for _ in c.todo], resample),
+                        batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=tok.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None)
+    writers: dict[int, tuple[JsonlWriter, JsonlWriter]] = {}
     bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"rank {rank}/{world_size}",
                dynamic_ncols=True)
     try:
         for batch in loader:
+            rows: dict[int, tuple[list[dict], list[dict]]] = {}
             if batch["pixels"] is not None:
-                codes = tok.encode(batch["pixels"]).tolist()
-                codes_out.write({"image": i, "codes": c} for i, c in zip(batch["ids"], codes))
-            errors_out.write({"image": i, "error": e} for i, e in batch["errors"])
+                codes = tok.encode(batch["pixels"])
+                texts = to_text(codes) if to_text is not None else None
+                codes = codes.tolist()
+                for n, (image_id, k) in enumerate(zip(batch["ids"], batch["chunks"])):
+                    row: dict[str, Any] = {"image": image_id}
+                    if fmt != "text":
+                        row["codes"] = codes[n]
+                    if texts is not None:
+                        row["text"] = texts[n]
+                    rows.setdefault(k, ([], []))[0].append(row)
+            for image_id, k, message in batch["errors"]:
+                rows.setdefault(k, ([], []))[1].append({"image": image_id, "error": message})
+            for k, (good, bad) in rows.items():
+                if k not in writers:
+                    writers[k] = (JsonlWriter(chunk_file(out, "codes", k)), JsonlWriter(chunk_file(out, "errors", k)))
+                writers[k][0].write(good)
+                writers[k][1].write(bad)
+                chunks[k].codes += len(good)
+                chunks[k].errors += len(bad)
+                remaining[k] -= len(good) + len(bad)
+                if remaining[k] == 0:
+                    for w in writers.pop(k):
+                        w.close()
+                    _mark_done(out, chunks[k], items[k * chunk_size:(k + 1) * chunk_size])
             summary.done += len(batch["ids"])
             summary.failed += len(batch["errors"])
             bar.update(len(batch["ids"]) + len(batch["errors"]))
     finally:
         bar.close()
-        codes_out.close()
-        errors_out.close()
-    summary.seconds = time.perf_counter() - start
+        for pair in writers.values():
+            for w in pair:
+                w.close()
+        summary.seconds = time.perf_counter() - start
     return summary

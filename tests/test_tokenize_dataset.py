@@ -1,7 +1,10 @@
-"""scripts/tokenize_dataset.py: every good image once with tok.encode's codes, bad ones in the
-errors file, crash-safe resume, folder / list / .tar inputs, and a 2-process torchrun run.
+"""scripts/tokenize_dataset.py and seed/dataset.py: every good image once with tok.encode's codes, bad
+ones in the errors files, chunked output with bounded crash-safe resume, a lock against a second
+run, a model fingerprint against mixed codes, symlinked folders, Ctrl-C, exit statuses, argument
+checks before the model loads, UTF-8 names, the SEED-LLaMA text form, and a 2-process torchrun run.
 
-Weights come from the parity fixture's files (not random), so every process has the same model.
+Weights come from the parity fixtures' files (not random): their codes vary with the input, and
+every process has the same model.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -23,39 +30,73 @@ import torch
 from PIL import Image, ImageOps
 
 import seed
-from conftest import PARITY, PHOTOS, ROOT, TINY, parity_overrides
-from seed.dataset import discover
+import seed.dataset
+from conftest import PARITY, PARITY_ROOT, PHOTOS, ROOT, TINY, parity_overrides
+from seed.dataset import discover, signals_deferred
+from test_scripts_weights import tiny_clip  # noqa: F401  (a fixture: a tiny random CLIP folder)
 
 SCRIPT = ROOT / "scripts" / "tokenize_dataset.py"
 BAD = {"broken/truncated.jpg", "fake.jpg", "empty.png"}
+ODD = "odd/bad\udcffname.png"
+"""A file name that is not valid UTF-8 (byte 0xff), as Python holds it."""
+UNICODE = "café/東京.png"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("tokenize_dataset", SCRIPT)
+def _load_script(name: str = "tokenize_dataset"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def run(src, out, *flags: str) -> str:
-    """Run the script in this process as a plain single-process run; returns what it printed."""
-    args = ["--config", str(TINY), "--input", str(src), "--output", str(out), "--batch-size", "4",
-            "--num-workers", "2", *flags, *parity_overrides(PARITY)]
+def run(src, out, *flags: str, config=TINY, overrides=None) -> tuple[int, str, str]:
+    """Run the script in this process as a plain single-process run: (exit status, stdout, stderr)."""
+    args = ["--config", str(config), "--input", str(src), "--output", str(out), "--batch-size", "4",
+            "--num-workers", "2", *flags, *(parity_overrides(PARITY) if overrides is None else overrides)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    stdout = io.StringIO()
-    with mock.patch.dict(os.environ, env, clear=True), torch.random.fork_rng(), contextlib.redirect_stdout(stdout):
-        _load_script().main(args)
-    return stdout.getvalue()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, env, clear=True), torch.random.fork_rng(), \
+            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            rc = _load_script().main(args)
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return rc, stdout.getvalue(), stderr.getvalue()
+
+
+def counts(printed: str) -> tuple[int, int, int]:
+    """(done, skipped, failed) from the summary line."""
+    m = re.search(r"done (\d+), skipped (\d+) .*failed (\d+)", printed)
+    assert m, printed
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def tear(out: Path, k: int, keep: int) -> int:
+    """Chunk k as a crash mid-write leaves it: no marker, ``keep`` codes lines and a torn one;
+    returns how many of its images a resume must redo."""
+    marker = out / "done" / f"{k:06d}.json"
+    info = json.loads(marker.read_text())
+    marker.unlink()
+    f = out / "codes" / f"{k:06d}.jsonl"
+    kept = f.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert len(kept) > keep
+    f.write_text("".join(kept[:keep]) + kept[keep][:40], encoding="utf-8")
+    return info["images"] - keep - info["errors"]
+
+
+def full_chunks(out: Path, n: int) -> list[int]:
+    """Chunks whose codes file has at least n lines."""
+    return sorted(int(p.stem) for p in (out / "codes").glob("*.jsonl") if len(p.read_bytes().splitlines()) >= n)
 
 
 def lines(path: Path) -> list[dict]:
-    text = path.read_text()
-    assert text == "" or text.endswith("\n"), f"{path} ends in a torn line"
-    return [json.loads(line) for line in text.splitlines()]
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), f"{path} ends in a torn line"
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
 
 
 def rows(out: Path, kind: str) -> list[dict]:
-    return [r for p in sorted(out.glob(f"{kind}-rank*.jsonl")) for r in lines(p)]
+    return [r for p in sorted((out / kind).glob("*.jsonl")) for r in lines(p)]
 
 
 def as_dict(rs: list[dict], key: str) -> dict:
@@ -64,10 +105,16 @@ def as_dict(rs: list[dict], key: str) -> dict:
     return {r["image"]: r[key] for r in rs}
 
 
+def snapshot(out: Path) -> dict:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory, parity_cfg):
-    """Real-photo variants (crops, flips, resizes, gray, RGBA; png/jpg; nested) plus bad files."""
+def photo_dir(tmp_path_factory):
+    """Real-photo variants (crops, flips, resizes, gray, RGBA; png/jpg; nested), a symlinked folder
+    (plus a second link to it and a link back up: a cycle), names not in ASCII or not UTF-8, bad files."""
     d = tmp_path_factory.mktemp("photos")
+    outside = tmp_path_factory.mktemp("elsewhere")
     for p in PHOTOS:
         img = Image.open(p).convert("RGB")
         w, h = img.size
@@ -84,6 +131,17 @@ def photo_dir(tmp_path_factory, parity_cfg):
         for name, v in variants.items():
             (d / name).parent.mkdir(parents=True, exist_ok=True)
             v.save(d / name)
+    photo = Image.open(PHOTOS[0]).convert("RGB")
+    (outside / "sub").mkdir()
+    photo.rotate(90, expand=True).save(outside / "sub" / "rotated.png")
+    os.symlink(outside, d / "linked")
+    os.symlink(outside, d / "linked_again")  # the same folder twice: listed once
+    os.symlink(d, d / "crops" / "loop")  # a cycle
+    (d / "café").mkdir()
+    photo.resize((80, 80)).save(d / UNICODE)
+    os.makedirs(d / "odd")
+    with open(os.path.join(os.fsencode(d), os.fsencode(ODD)), "wb") as f:
+        photo.transpose(Image.Transpose.TRANSPOSE).save(f, format="PNG")
     jpg = (d / "crops" / f"{PHOTOS[0].stem}_center.jpg").read_bytes()
     (d / "broken").mkdir()
     (d / "broken" / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
@@ -94,45 +152,65 @@ def photo_dir(tmp_path_factory, parity_cfg):
 
 
 @pytest.fixture(scope="module")
-def expected(photo_dir, parity_tok):
+def good_ids():
+    ids = {f"{p.stem}.png" for p in PHOTOS}
+    for p in PHOTOS:
+        ids |= {f"crops/{p.stem}_center.jpg", f"crops/deep/{p.stem}_corner.png", f"flips/{p.stem}_mirror.jpg",
+                f"flips/{p.stem}_flip.PNG", f"resized/{p.stem}_small.JPG", f"resized/deep/er/{p.stem}_gray.jpg",
+                f"resized/{p.stem}_rgba.png"}
+    return ids | {"linked/sub/rotated.png", UNICODE, ODD}
+
+
+@pytest.fixture(scope="module")
+def expected(photo_dir, good_ids, parity_tok):
     """tok.encode, one image at a time, for every good image in photo_dir."""
-    good = [p for p in photo_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg")
-            and p.relative_to(photo_dir).as_posix() not in BAD]
-    assert len(good) == 8 * len(PHOTOS)
-    return {p.relative_to(photo_dir).as_posix(): parity_tok.encode([p])[0].tolist() for p in good}
+    return {i: parity_tok.encode([os.path.join(photo_dir, i)])[0].tolist() for i in sorted(good_ids)}
 
 
 @pytest.fixture(scope="module")
 def single_run(photo_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    return out, run(photo_dir, out)
+    out = tmp_path_factory.mktemp("single") / "out"
+    return out, run(photo_dir, out, "--chunk-size", "4")
 
 
 @pytest.fixture(scope="module")
 def torchrun_run(photo_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("torchrun")
+    out = tmp_path_factory.mktemp("torchrun") / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
            "--config", str(TINY), "--input", str(photo_dir), "--output", str(out), "--batch-size", "3",
-           "--num-workers", "1", *parity_overrides(PARITY)]
+           "--num-workers", "1", "--chunk-size", "3", *parity_overrides(PARITY)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 1, proc.stderr[-4000:]  # some images failed
     return out, proc.stdout
 
 
-def test_discover_folder_tree(photo_dir, expected):
-    items = discover(photo_dir)
-    ids = [it.id for it in items]
-    assert ids == sorted(set(expected) | BAD)  # nested, any case of extension; notes.txt ignored
+def test_discover_folder_tree_follows_symlinks_once(photo_dir, good_ids):
+    ids = [it.id for it in discover(photo_dir)]
+    # nested, any case of extension, the symlinked folder once (not via the second link or the
+    # cycle), names not in ASCII; notes.txt ignored
+    assert ids == sorted(good_ids | BAD)
     with pytest.raises(seed.InputError, match="no such file or folder"):
         discover(photo_dir / "nowhere")
     with pytest.raises(seed.InputError, match="not UTF-8 text"):
         discover(PHOTOS[0])  # an image is not a list of paths
 
 
+def test_check_image_lists_what_a_run_lists(photo_dir, good_ids, capsys):
+    rc = _load_script("check_image").main([str(photo_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert f"{len(good_ids)} of {len(good_ids) + len(BAD)} file(s) OK, {len(BAD)} bad" in err
+    assert os.path.join(photo_dir, "linked/sub/rotated.png") in out and "loop" not in out
+    assert out.count("BAD ") == len(BAD) and "truncated.jpg" in out
+
+
 def test_folder_all_good_images_once_with_encode_codes(single_run, expected, photo_dir):
-    out, printed = single_run
-    assert sorted(p.name for p in out.iterdir()) == ["codes-rank00000.jsonl", "errors-rank00000.jsonl"]
+    out, (rc, printed, _) = single_run
+    assert rc == 1, "some images failed: exit status 1"
+    n = len(expected) + len(BAD)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "codes", "done", "errors", "run.json"]
+    assert sorted(p.name for p in (out / "done").iterdir()) == [f"{k:06d}.json" for k in range(-(-n // 4))]
     assert as_dict(rows(out, "codes"), "codes") == expected
     errors = as_dict(rows(out, "errors"), "error")
     assert set(errors) == BAD
@@ -140,31 +218,59 @@ def test_folder_all_good_images_once_with_encode_codes(single_run, expected, pho
         assert str(photo_dir / image_id) in message
     assert "truncated" in errors["broken/truncated.jpg"] and "empty" in errors["empty.png"]
     assert f"done {len(expected)}, skipped 0 " in printed and "failed 3 " in printed and "images/s" in printed
+    record = json.loads((out / "run.json").read_text())
+    assert record["images"] == n and record["chunk_size"] == 4 and record["format"] == "codes"
+    assert record["fingerprint"]["weights"]["codebook"]["size"] == os.path.getsize(PARITY / "seed_tokenizer.pth")
 
 
-def test_resume_after_crash_mid_write(single_run, expected, photo_dir, tmp_path):
+def test_names_not_ascii_are_utf8(single_run, expected):
+    out = single_run[0]
+    data = b"".join(p.read_bytes() for p in (out / "codes").glob("*.jsonl"))
+    assert UNICODE.encode("utf-8") in data and b"\\u" not in data.replace(b"\\udcff", b"")
+    assert b'"odd/bad\\udcffname.png"' in data  # not valid Unicode: a JSON escape keeps the line valid UTF-8
+    data.decode("utf-8")
+
+
+def test_resume_reads_only_unfinished_chunks(single_run, expected, photo_dir, tmp_path):
     out = tmp_path / "out"
-    shutil.copytree(single_run[0], out)
-    codes_file, errors_file = out / "codes-rank00000.jsonl", out / "errors-rank00000.jsonl"
-    kept = codes_file.read_text().splitlines(keepends=True)
-    codes_file.write_text("".join(kept[:5]) + kept[5][:40])  # a crash while writing line 6
-    errors_file.write_text(errors_file.read_text().splitlines(keepends=True)[0] + '{"image": "fa')
+    shutil.copytree(single_run[0], out, symlinks=True)
+    n = len(expected) + len(BAD)
+    last = len(list((out / "done").iterdir())) - 1
+    # a crash while writing chunk k (marker missing, torn last line) and before chunk `last` began
+    k = next(c for c in full_chunks(out, 3) if c != last)
+    redo = tear(out, k, 2) + json.loads((out / "done" / f"{last:06d}.json").read_text())["images"]
+    for kind in ("codes", "errors", "done"):
+        for p in (out / kind).glob(f"{last:06d}.*"):
+            p.unlink()
+    intact = next(c for c in full_chunks(out, 1) if c not in (k, last))
+    garbage = out / "codes" / f"{intact:06d}.jsonl"
+    garbage.write_text("garbage: never read again, its chunk is done\n")
 
-    printed = run(photo_dir, out)
-    assert f"done {len(expected) - 5}, skipped 6 " in printed and "failed 2 " in printed
+    read = []
+    real = seed.dataset.read_ids
+    with mock.patch.object(seed.dataset, "read_ids", lambda p: read.append(p.name) or real(p)):
+        rc, printed, _ = run(photo_dir, out)
+    assert sorted(set(read)) == sorted({f"{k:06d}.jsonl", f"{last:06d}.jsonl"})
+    done, skipped, failed = counts(printed)
+    assert done + failed == redo and skipped == n - redo and rc == (1 if failed else 0), printed
+    garbage.write_bytes((single_run[0] / "codes" / garbage.name).read_bytes())
     assert as_dict(rows(out, "codes"), "codes") == expected
     assert set(as_dict(rows(out, "errors"), "error")) == BAD
 
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    printed = run(photo_dir, out)  # nothing left to do
-    assert f"done 0, skipped {len(expected) + len(BAD)} " in printed and "failed 0 " in printed
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    before = snapshot(out)
+    rc, printed, _ = run(photo_dir, out)  # nothing left to do; earlier failures are not this run's
+    assert rc == 0 and f"done 0, skipped {len(expected) + len(BAD)} " in printed and "failed 0" in printed
+    assert snapshot(out) == before
 
 
 def test_torchrun_two_processes_union_equals_single(torchrun_run, single_run, expected):
     out, printed = torchrun_run
-    shares = [as_dict(lines(out / f"codes-rank{r:05d}.jsonl"), "codes") for r in (0, 1)]
+    record = json.loads((out / "run.json").read_text())
+    shares = [{}, {}]
+    for p in (out / "codes").glob("*.jsonl"):
+        shares[int(p.stem) % 2].update(as_dict(lines(p), "codes"))  # chunk k is rank k % 2's
     assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    assert record["chunks"] == len(list((out / "done").iterdir()))
     assert as_dict(rows(out, "codes"), "codes") == as_dict(rows(single_run[0], "codes"), "codes") == expected
     assert as_dict(rows(out, "errors"), "error") == as_dict(rows(single_run[0], "errors"), "error")
     assert f"done {len(expected)}, skipped 0 " in printed and "failed 3 " in printed
@@ -172,22 +278,162 @@ def test_torchrun_two_processes_union_equals_single(torchrun_run, single_run, ex
 
 
 def test_resume_with_a_different_world_size(torchrun_run, expected, photo_dir, tmp_path):
-    """A 2-process run that crashed, resumed by a single process: it also repairs rank 1's file."""
+    """A 2-process run that crashed in one chunk of each rank, resumed by a single process."""
     out = tmp_path / "out"
-    shutil.copytree(torchrun_run[0], out)
-    for r in (0, 1):
-        f = out / f"codes-rank{r:05d}.jsonl"
-        kept = f.read_text().splitlines(keepends=True)
-        f.write_text("".join(kept[:2]) + kept[2][:-30])
-    printed = run(photo_dir, out)
-    assert f"done {len(expected) - 4}, skipped {4 + len(BAD)} " in printed
+    shutil.copytree(torchrun_run[0], out, symlinks=True)
+    full = full_chunks(out, 2)
+    torn = [next(k for k in full if k % 2 == r) for r in (0, 1)]  # one chunk of each rank
+    redo = sum(tear(out, k, 1) for k in torn)
+    rc, printed, _ = run(photo_dir, out)
+    done, skipped, failed = counts(printed)
+    assert done + failed == redo and skipped == len(expected) + len(BAD) - redo, printed
     assert as_dict(rows(out, "codes"), "codes") == expected
+    assert len(list((out / "done").iterdir())) == json.loads((out / "run.json").read_text())["chunks"]
 
 
-def test_tar_shards(photo_dir, expected, tmp_path):
+def test_second_run_is_locked_out_and_ctrl_c_leaves_complete_lines(tmp_path, parity_tok):
+    """A real run in another process: a second run on its folder fails at once naming it; Ctrl-C
+    then stops it with status 130, no traceback and only complete lines; a rerun finishes the job."""
+    src, out = tmp_path / "many", tmp_path / "out"
+    src.mkdir()
+    for i in range(80):
+        os.symlink(PHOTOS[i % len(PHOTOS)], src / f"img{i:03d}.png")
+    cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--input", str(src), "--output", str(out),
+           "--batch-size", "1", "--num-workers", "0", *parity_overrides(PARITY)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        codes = out / "codes" / "000000.jsonl"
+        deadline = time.monotonic() + 120
+        while not (codes.is_file() and codes.stat().st_size > 0):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+
+        t = time.monotonic()
+        rc, _, err = run(src, out)
+        assert rc == 2 and time.monotonic() - t < 10
+        assert f"pid {proc.pid} on host {socket.gethostname()} (since " in err and "in use" in err, err
+
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    written = as_dict(lines(codes), "codes")  # every line complete
+    assert 0 < len(written) < 80
+    assert (out / ".lock").read_bytes() == b""  # released
+
+    codes = parity_tok.encode(PHOTOS).tolist()
+    want = {f"img{i:03d}.png": codes[i % len(PHOTOS)] for i in range(80)}
+    rc, printed, _ = run(src, out, "--batch-size", "16")
+    assert rc == 0 and f"done {80 - len(written)}, skipped {len(written)} " in printed
+    assert as_dict(rows(out, "codes"), "codes") == want
+
+
+def test_stale_lock_is_taken_over_and_another_hosts_is_refused(tmp_path, caplog):
+    src, out = PHOTOS[0].parent, tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                           "since": "2020-01-01T00:00:00+00:00", "start": "1"}))
+    rc, printed, _ = run(src, out)
+    assert rc == 0 and f"done {len(PHOTOS)}, skipped 0 " in printed
+    assert f"stale lock of pid {dead.pid}" in caplog.text
+
+    (out / ".lock").write_text(json.dumps({"pid": 4242, "host": "some-other-node", "since": "2020-01-01"}))
+    rc, _, err = run(src, out)
+    assert rc == 2 and "pid 4242 on host some-other-node" in err and f"delete {out / '.lock'}" in err
+
+
+def test_another_model_or_input_is_refused_unless_forced(single_run, photo_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(single_run[0], out, symlinks=True)
+    before = snapshot(out)
+
+    sd = torch.load(PARITY / "seed_tokenizer.pth", weights_only=True)
+    sd["model"]["quantize.embedding.weight"] += 0.01  # fine-tuned weights: same file name and size, other codes
+    other = tmp_path / "seed_tokenizer.pth"
+    torch.save(sd, other)
+    overrides = [*parity_overrides(PARITY), f"checkpoints.codebook={other}"]
+    rc, _, err = run(photo_dir, out, overrides=overrides)
+    assert rc == 2 and "another model or config" in err and "weights.codebook.sha256" in err, err
+    rc, _, err = run(photo_dir, out, overrides=[*parity_overrides(PARITY), "model.image_size=28"])
+    assert rc == 2 and "model.image_size: 56 in run.json, 28 now" in err, err
+    assert snapshot(out) == before
+
+    bigger = tmp_path / "bigger"
+    shutil.copytree(photo_dir, bigger, symlinks=True)
+    shutil.copy(PHOTOS[0], bigger / "new.png")
+    rc, _, err = run(bigger, out)
+    assert rc == 2 and "the input changed" in err, err
+    rc, _, err = run(photo_dir, out, "--format", "text")
+    assert rc == 2 and "--format codes" in err, err
+    assert snapshot(out) == before
+
+    rc, printed, _ = run(photo_dir, out, "--force-mismatch", overrides=overrides)
+    assert rc == 0 and "done 0, skipped" in printed
+    record = json.loads((out / "run.json").read_text())
+    assert record["forced"][0]["fingerprint"]["weights"]["codebook"]["sha256"] != \
+        record["fingerprint"]["weights"]["codebook"]["sha256"]
+
+
+def test_bad_arguments_fail_before_the_model_loads(photo_dir, tmp_path):
+    with mock.patch.object(seed.Tokenizer, "from_config", side_effect=AssertionError("the model loaded")):
+        for flags, message in ((["--batch-size", "0"], "--batch-size: must be at least 1"),
+                               (["--num-workers", "-1"], "--num-workers: must be 0 or more")):
+            rc, _, err = run(photo_dir, tmp_path / "out", *flags)
+            assert rc == 2 and message in err, err
+        rc, _, err = run(tmp_path / "nowhere", tmp_path / "out")
+        assert rc == 2 and "nowhere: no such file or folder" in err, err
+        assert not (tmp_path / "out").exists()
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        rc, _, err = run(empty, tmp_path / "out")
+        assert rc == 2 and "no images found" in err
+
+
+def test_read_only_output_fails_at_once(tmp_path):
+    """A folder this process cannot write: read-only by its mode, or (as root, whom modes do not
+    stop) a read-only tmpfs mounted over it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(out)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"running as root and cannot mount a read-only tmpfs: {r.stderr!r}")
+        mounted = True
+    else:
+        out.chmod(0o555)
+    try:
+        with mock.patch.object(seed.Tokenizer, "from_config", side_effect=AssertionError("the model loaded")):
+            rc, _, err = run(PHOTOS[0].parent, out)
+        assert rc == 2 and f"cannot write to the output folder {out}: " in err, err
+        assert "Read-only file system" in err or "Permission denied" in err
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(out)], check=True)
+        out.chmod(0o755)
+
+
+def test_ctrl_c_is_held_until_a_write_is_complete(tmp_path):
+    w = seed.dataset.JsonlWriter(tmp_path / "x.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-write
+            w.write([{"image": "a", "codes": [1, 2]}])
+        pytest.fail("the interrupt must be delivered when the block ends")
+    w.close()
+    assert lines(tmp_path / "x.jsonl") == [{"image": "a", "codes": [1, 2]}]
+
+
+def test_tar_shards(photo_dir, expected, tmp_path, capsys):
     shards = tmp_path / "shards"
     (shards / "sub").mkdir(parents=True)
-    good = sorted(expected)[:5]
+    good = sorted(i for i in expected if "/" not in i)[:3] + sorted(i for i in expected if i.startswith("crops/"))[:2]
     with tarfile.open(shards / "000.tar", "w") as tf:
         for i, image_id in enumerate(good[:3]):
             tf.add(photo_dir / image_id, arcname=f"{i:04d}{Path(image_id).suffix}")
@@ -196,8 +442,10 @@ def test_tar_shards(photo_dir, expected, tmp_path):
     with tarfile.open(shards / "sub" / "001.tar", "w") as tf:
         for i, image_id in enumerate(good[3:]):
             tf.add(photo_dir / image_id, arcname=f"{i:04d}{Path(image_id).suffix}")
+    with tarfile.open(shards / "sub" / "001.tar") as tf:
+        last = tf.getmembers()[-1]
     data = (shards / "sub" / "001.tar").read_bytes()
-    (shards / "sub" / "002.tar").write_bytes(data[: len(data) - 1024 - os.path.getsize(photo_dir / good[4]) // 2])
+    (shards / "sub" / "002.tar").write_bytes(data[: last.offset_data + last.size // 2])  # cut mid-member
 
     out = tmp_path / "out"
     run(shards / "000.tar", out)  # one shard
@@ -215,6 +463,10 @@ def test_tar_shards(photo_dir, expected, tmp_path):
     assert set(errors) == {"000.tar/bad/0003.jpg", "sub/002.tar", "sub/002.tar/0001" + Path(good[4]).suffix}
     assert "sub/002.tar" in errors["sub/002.tar"]
 
+    rc = _load_script("check_image").main(["-q", str(shards)])  # the same members, the same bad ones
+    printed = capsys.readouterr()
+    assert rc == 1 and f"{len(want)} of {len(want) + len(errors)} file(s) OK" in printed.err
+
 
 def test_list_file(photo_dir, expected, tmp_path):
     good = sorted(expected)[:3]
@@ -223,10 +475,87 @@ def test_list_file(photo_dir, expected, tmp_path):
     listing.write_text(f"# my images\n{photo_dir / good[0]}\n\n{rel}\n{photo_dir / good[2]}\n"
                        f"{photo_dir / good[0]}\nmissing/photo.jpg\n{photo_dir / 'fake.jpg'}\n")
     out = tmp_path / "out"
-    printed = run(listing, out)
+    rc, printed, _ = run(listing, out)
     assert as_dict(rows(out, "codes"), "codes") == {str(photo_dir / good[0]): expected[good[0]], rel: expected[good[1]],
                                                     str(photo_dir / good[2]): expected[good[2]]}
     errors = as_dict(rows(out, "errors"), "error")
     assert set(errors) == {"missing/photo.jpg", str(photo_dir / "fake.jpg")}
     assert "no such file" in errors["missing/photo.jpg"]
-    assert "done 3, skipped 0 " in printed and "failed 2 " in printed
+    assert rc == 1 and "done 3, skipped 0 " in printed and "failed 2 " in printed
+
+
+@pytest.mark.parametrize("fixture", sorted((PARITY_ROOT / "seed2").glob("*/spec.json")), ids=lambda p: p.parent.name)
+def test_seed2_text_form_is_the_originals(fixture, tmp_path):
+    """SEED-2 through the dataset run: --format text gives the original's SEED-LLaMA text per image."""
+    from test_seed2 import seed2_overrides
+
+    fixture = fixture.parent
+    want = torch.load(fixture / "expected.pt", weights_only=True)
+    overrides = seed2_overrides(fixture)
+    config = ROOT / "configs" / "seed2_tiny.yaml"
+    rc, _, err = run(fixture / "images", tmp_path / "text", "--format", "text", config=config, overrides=overrides)
+    assert rc == 0, err
+    got = rows(tmp_path / "text", "codes")
+    assert all(set(r) == {"image", "text"} for r in got)
+    assert as_dict(got, "text") == dict(zip(want["images"], want["llm_text"]))
+    rc, _, err = run(fixture / "images", tmp_path / "both", "--format", "codes+text", config=config,
+                     overrides=overrides)
+    got = rows(tmp_path / "both", "codes")
+    assert as_dict(got, "codes") == dict(zip(want["images"], want["codes"].tolist()))
+    assert as_dict(got, "text") == dict(zip(want["images"], want["llm_text"]))
+
+
+def test_scripts_help_imports_nothing_heavy():
+    code = """
+import runpy, sys, time
+for name in sys.argv[1:]:
+    sys.argv = [name, "--help"]
+    t = time.perf_counter()
+    try:
+        runpy.run_path(name, run_name="__main__")
+    except SystemExit:
+        pass
+    heavy = [m for m in ("torch", "transformers", "diffusers", "timm") if m in sys.modules]
+    print(name, round(time.perf_counter() - t, 2), heavy, file=sys.stderr)
+"""
+    scripts = [f"scripts/{s}.py" for s in ("tokenize_dataset", "check_image", "eval_reconstruction", "benchmark")]
+    r = subprocess.run([sys.executable, "-c", code, *scripts], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    report = r.stderr.splitlines()
+    assert len(report) == len(scripts), r.stderr
+    for line in report:
+        name, seconds, heavy = line.split(" ", 2)
+        assert heavy == "[]" and float(seconds) < 3, line
+
+
+def test_eval_reconstruction_lists_what_a_run_lists(tiny_clip, tmp_path, capsys):
+    """eval_reconstruction.py on a nested folder with a symlinked sub-folder scores the images a run finds."""
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (images / "nested").mkdir(parents=True)
+    elsewhere.mkdir()
+    Image.open(PHOTOS[0]).convert("RGB").resize((64, 48)).save(images / "nested" / "a.png")
+    Image.open(PHOTOS[1]).convert("RGB").resize((64, 48)).save(elsewhere / "b.jpg")
+    os.symlink(elsewhere, images / "linked")
+    (images / "notes.txt").write_text("ignored\n")
+    out = tmp_path / "out"
+    rc = _load_script("eval_reconstruction").main([
+        "--config", str(TINY), "--images", str(images), "--clip", str(tiny_clip), "--out", str(out),
+        "--device", "cpu", "diffusion.steps=1", "diffusion.num_samples=1", "diffusion.height=32",
+        "diffusion.width=32"])
+    capsys.readouterr()
+    assert rc == 0
+    scored = [row.split(",")[0] for row in (out / "scores.csv").read_text().splitlines()[1:-1]]
+    assert scored == [it.id for it in discover(images)] == ["linked/b.jpg", "nested/a.png"]
+    assert (out / "linked__b_jpg_recon0.png").is_file()
+
+
+def test_benchmark_resume_runs(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/benchmark_resume.py", "--rows", "2000", "--chunk-size", "300",
+                        "--compare-old", "--dir", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    # 7 chunks: 6 done; the last (200 images) half written with a torn line
+    assert out["images_skipped"] == 1900 and out["images_to_do"] == 100
+    for key in ("listing_s", "resume_plan_s", "peak_rss_gb", "old_resume_s"):
+        assert out[key] > 0, key

@@ -1,0 +1,207 @@
+"""The training config schema: ``seed.load_config(path, *overrides, schema=TrainConfig)``.
+
+A training config is one YAML file (``configs/train/*.yaml``): what is trained (``stage``,
+``objective``, ``dropout``), the model's dimensions (``model:``, the tokenizer's own
+`seed.config.ModelConfig`), where the starting weights come from (``init:``), stage 1's
+contrastive head (``itc:``), the exported tokenizer's decode settings (``diffusion:``), the data
+(``data:``) and the optimisation and run settings (``train:``). An unknown key or a value of the
+wrong type is an `InputError` naming the key. The defaults are the released recipe's (stage 1,
+spec section 4); ``configs/train/`` has each stage's values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import DiffusionConfig, ModelConfig, load_config
+from ..errors import InputError
+
+
+@dataclass
+class InitConfig:
+    """Starting weights and the text/CLIP models that the losses use (see `seed.training.models`)."""
+
+    vision: Optional[str] = None
+    """``eva_vit_g.pth`` (BLIP-2's EVA ViT-g, bare state dict)."""
+    qformer: Optional[str] = None
+    """Stage 1: ``blip2_pretrained.pth``; stage 2: a stage-1 checkpoint (ours or the original's)."""
+    stage2: Optional[str] = None
+    """Stage-2 modules in the training names; null: constructor init from ``seed``."""
+    seed: int = 0
+    """Seed of every constructor init (the same model on every rank and rerun)."""
+    bert_tokenizer: Optional[str] = None
+    """BertTokenizer folder (bert-base-uncased); ``[DEC]`` is added as bos."""
+    bert_config: Optional[str] = None
+    """BertConfig json (vocab size, max positions); null: bert-base-uncased's."""
+    clip_tokenizer: Optional[str] = None
+    """SEED-1 objective: SD's CLIP tokenizer folder."""
+    text_encoder: Optional[str] = None
+    """SEED-1 objective: SD's CLIPTextModel folder."""
+    clip_vision: Optional[str] = None
+    """SEED-2 objective: CLIPVisionModelWithProjection folder (CLIP ViT-H/14)."""
+    bert_model: Optional[str] = None
+    """bert-base-uncased weights (a BertModel folder): what the original initialises from BERT (the
+    stage-1 Q-Former when no BLIP-2 checkpoint is given; stage 2's Reverse Q-Former layers); null:
+    random N(0, 0.02) (warned)."""
+
+
+@dataclass
+class ITCConfig:
+    """Stage 1's image-text contrast (see `seed.training.models.Stage1Model`)."""
+
+    embed_dim: int = 256
+    """Width of ``vision_proj``/``text_proj`` (the compared features)."""
+    max_txt_len: int = 32
+    """BERT caption tokens (padding to max_length, truncation)."""
+    temp: float = 0.07
+    """Initial temperature (a BLIP-2 checkpoint's ``temp`` replaces it)."""
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class ItcConfig:
+    """Stage 1's image-text contrastive head and loss (the original's values)."""
+
+    embed_dim: int = 256
+    """Width of ``vision_proj`` / ``text_proj``."""
+    max_txt_len: int = 32
+    """BERT tokens per caption (padding to this length, truncation on the right)."""
+    temp: float = 0.07
+    """Initial temperature (a BLIP-2 start file overrides it)."""
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    """Image-caption pairs and their processing (spec section 3)."""
+
+    train: Optional[str] = None
+    """A JSONL file of ``{"image": path relative to the file, "caption": str or list}``, or a
+    WebDataset-style ``.tar`` shard, or a folder of them (``KEY.jpg/png`` + ``KEY.txt``/``.json``)."""
+    batch_size: int = 64
+    """Images per process and micro-step (the global batch is this x processes x grad_accum)."""
+    num_workers: int = 4
+    """DataLoader processes decoding images (0: in the training process)."""
+    image_size: Optional[int] = None
+    """RandomResizedCrop size; null: ``model.image_size``."""
+    min_scale: float = 0.5
+    """RandomResizedCrop area scale range (min_scale, 1)."""
+    flip: bool = True
+    """RandomHorizontalFlip(0.5)."""
+    max_words: int = 50
+    """Captions are cut to this many words after cleaning."""
+
+
+@dataclass
+class TrainSection:
+    """Optimiser, schedule, precision, checkpoints and logging (spec sections 4 and 5)."""
+
+    output_dir: str = "outputs/train"
+    """Checkpoints go to OUTPUT/checkpoints/, the stage-2 export to OUTPUT/export/."""
+    max_epoch: int = 10
+    """Cosine schedule length in "epochs" of ``iters_per_epoch`` iterations."""
+    iters_per_epoch: int = 5000
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps; null: max_epoch x iters_per_epoch. The schedule
+    does not shrink with it (as the original, a shorter run is a run stopped early)."""
+    init_lr: float = 3e-5
+    min_lr: float = 3e-6
+    warmup_lr: float = 3e-7
+    warmup_steps: int = 2000
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    precision: str = "fp16"
+    """fp16 (autocast + GradScaler), bf16 (autocast) or fp32; on the CPU always fp32."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    grad_clip: Optional[float] = None
+    """Clip the global gradient L2 norm to this; null: no clipping (the original)."""
+    seed: int = 42
+    """Seeds data order and augmentation (the same for every world size) and, + rank, dropout."""
+    save_every: int = 5000
+    """Write a checkpoint every this many steps (and at the end)."""
+    keep_last: int = 0
+    """Keep only the newest this many checkpoints; 0: keep all."""
+    log_every: int = 50
+    """Log losses, lr, throughput (and codebook usage) every this many steps."""
+    usage_window: int = 100
+    """Stage 2: codebook usage is measured over the last this many steps."""
+    dead_code_restart: bool = False
+    """Stage 2: every ``usage_window`` steps, move codes unused in the window onto random
+    encoder outputs of the current batch. Off by default (the original has no restart)."""
+    tensorboard: bool = False
+    """Also write TensorBoard logs to OUTPUT/tensorboard (``pip install seed[train]``)."""
+    find_unused_parameters: bool = False
+    """Passed to DistributedDataParallel."""
+    progress: bool = True
+    """A tqdm bar on rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    """1: causal Q-Former (contrastive); 2: codebook, decoder and generation embeddings."""
+    objective: str = "seed1"
+    """Stage 2 generation target: seed1 (SD text encoder, 77 x D) or seed2 (CLIP image embedding);
+    seed2_head: seed2 with the committed code's 1-query Reverse Q-Former head (decoder.num_queries=1)."""
+    dropout: float = 0.1
+    """Q-Former dropout in train mode (0 for exactness checks)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    itc: ITCConfig = field(default_factory=ITCConfig)
+    diffusion: Optional[DiffusionConfig] = None
+    """Stage 2: the decode settings written into the exported tokenizer's config (null: defaults)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+STAGES = (1, 2)
+OBJECTIVES = ("seed1", "seed2", "seed2_head")
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+def load_train_config(path: str | Path, *overrides: str) -> DictConfig:
+    """Load and validate a training config (`TrainConfig`), with ``key=value`` overrides.
+
+    Raises `seed.InputError` for an unknown key, a wrong type or a value out of range.
+    """
+    cfg = load_config(path, *overrides, schema=TrainConfig)
+    where = f"{path}"
+    checks = [
+        (cfg.stage in STAGES, "stage", f"must be one of {STAGES}"),
+        (cfg.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}"),
+        (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}"),
+        (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (0 < cfg.data.min_scale <= 1, "data.min_scale", "must be in (0, 1]"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+        (cfg.train.iters_per_epoch >= 1, "train.iters_per_epoch", "must be >= 1"),
+        (cfg.train.max_epoch >= 1, "train.max_epoch", "must be >= 1"),
+        (cfg.train.max_steps is None or cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0"),
+        (cfg.train.save_every >= 1, "train.save_every", "must be >= 1"),
+        (cfg.train.log_every >= 1, "train.log_every", "must be >= 1"),
+        (cfg.train.usage_window >= 1, "train.usage_window", "must be >= 1"),
+        (cfg.train.keep_last >= 0, "train.keep_last", "must be >= 0"),
+        (len(cfg.train.betas) == 2, "train.betas", "must be two numbers"),
+        (cfg.train.grad_clip is None or cfg.train.grad_clip > 0, "train.grad_clip", "must be > 0 or null"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise InputError(f"{where}: bad value for '{key}' ({OmegaConf.select(cfg, key)!r}): {why}")
+    return cfg
+
+
+def max_steps(cfg: DictConfig) -> int:
+    """The number of optimizer steps of the run: ``train.max_steps``, else max_epoch x iters_per_epoch."""
+    t = cfg.train
+    return t.max_steps if t.max_steps is not None else t.max_epoch * t.iters_per_epoch
+
+
+def image_size(cfg: DictConfig) -> int:
+    """The training crop size: ``data.image_size``, else ``model.image_size``."""
+    return cfg.data.image_size if cfg.data.image_size is not None else cfg.model.image_size

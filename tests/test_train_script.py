@@ -1,0 +1,291 @@
+"""scripts/train_tokenizer.py end to end on the CPU: torchrun with 2 processes (gloo), checkpoints,
+bit-for-bit resume, the stage-2 export, and the stage-1 gather (1 process == 2 processes)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import seed
+from conftest import PHOTOS, ROOT
+from seed.training.config import load_train_config
+from seed.training.loop import (CodebookUsage, checkpoints, read_checkpoint, restart_dead_codes, rng_state, set_rng_state,
+                                write_checkpoint)
+from seed.training.optim import linear_warmup_cosine_lr
+
+SCRIPT = ROOT / "scripts" / "train_tokenizer.py"
+STAGE1 = ROOT / "configs" / "train" / "seed1_stage1_tiny.yaml"
+STAGE2 = ROOT / "configs" / "train" / "seed1_stage2_tiny.yaml"
+CAPTIONS = {"camera": ["A man in a dark coat looks through a camera on a tripod.", "An old camera on a tripod!"],
+            "chelsea": ["A tabby cat with green eyes, looking to the side!", "A striped cat (close-up)."],
+            "coffee": ["A cup of coffee (with latte art) on a saucer.", "Coffee in a white cup."]}
+STEPS, HALF = 6, 3
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(SCRIPT), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A captioned folder: photos/ + pairs.jsonl (relative paths, caption lists, one missing image)
+    and the same pairs as a WebDataset tar shard."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "photos").mkdir()
+    rows = []
+    for p in PHOTOS:
+        shutil.copy(p, root / "photos" / p.name)
+        rows.append({"image": f"photos/{p.name}", "caption": CAPTIONS[p.stem]})
+    rows.append({"image": "photos/missing.png", "caption": "gone"})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with tarfile.open(root / "shard-000.tar", "w") as tf:
+        for p in PHOTOS:
+            for name, payload in ((f"{p.stem}.png", p.read_bytes()), (f"{p.stem}.txt", CAPTIONS[p.stem][0].encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage2_run(data, tmp_path_factory):
+    """2 processes x 1 image, STEPS steps of the tiny stage-2 config, checkpoints every HALF."""
+    out = tmp_path_factory.mktemp("stage2")
+    r = torchrun(2, "--config", str(STAGE2), f"data.train={data / 'pairs.jsonl'}", f"train.output_dir={out}",
+                 f"train.max_steps={STEPS}", f"train.save_every={HALF}", "data.batch_size=1", "train.log_every=2")
+    return out, r
+
+
+def test_stage2_trains_with_torchrun_and_the_loss_falls(stage2_run):
+    out, r = stage2_run
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == list(range(1, STEPS + 1))
+    losses = [m["loss"] for m in rows]
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    for m in rows:  # the weighted terms add up to the total, as the original's forward
+        assert m["loss"] == pytest.approx(m["loss_embed"] + m["loss_recon_s"] + m["loss_distil_text"], rel=1e-5)
+        assert 1 <= m["perplexity"] <= 8192 and 0 < m["codes_used"] <= 1
+    assert "step 6/6" in r.stderr and "images_per_s" in r.stderr and "perplexity" in r.stderr
+
+
+def test_lr_follows_the_original_schedule(stage2_run):
+    """Per step: warmup_lr at iteration 0, linear warmup, then init_lr (the tiny config's numbers)."""
+    out, _ = stage2_run
+    cfg = load_train_config(STAGE2)
+    assert [m["lr"] for m in metrics(out)][:3] == pytest.approx([1e-4, 5.5e-4, 1e-3])
+    t = cfg.train
+    for m in metrics(out):
+        step = m["step"] - 1
+        assert m["lr"] == linear_warmup_cosine_lr(step // t.iters_per_epoch, step % t.iters_per_epoch,
+                                                  init_lr=t.init_lr, min_lr=t.min_lr, warmup_lr=t.warmup_lr,
+                                                  warmup_steps=t.warmup_steps, max_epoch=t.max_epoch)
+
+
+def test_missing_image_is_skipped_and_counted(stage2_run):
+    out, r = stage2_run
+    assert metrics(out)[-1]["skipped_images"] >= 1
+    assert "missing.png: no such file" in r.stderr
+
+
+def test_checkpoints_hold_everything_to_resume(stage2_run):
+    out, _ = stage2_run
+    folders = checkpoints(out)
+    assert [f.name for f in folders] == [f"step_{HALF:08d}", f"step_{STEPS:08d}"]
+    tensors, state = read_checkpoint(folders[-1])  # torch.load(weights_only=True) inside
+    assert state["step"] == STEPS and state["world_size"] == 2 and len(state["rng"]) == 2
+    assert set(state["position"]) == {"epoch", "index"}
+    assert state["optimizer"]["state"] and "scaler" in state
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # seed + rank
+    assert "quantizer.codebook.weight" in tensors and not any(k.startswith(("vision.", "qformer.")) for k in tensors)
+    assert (folders[-1] / "config.yaml").is_file() and not list((out / "checkpoints").glob(".*"))
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights(stage2_run, data, tmp_path):
+    """A run killed after its step-3 checkpoint (metrics of later steps already written), resumed
+    with --resume: the same losses at every later step and bit-identical final weights."""
+    out, _ = stage2_run
+    shutil.copytree(out / "checkpoints" / f"step_{HALF:08d}", tmp_path / "checkpoints" / f"step_{HALF:08d}")
+    shutil.copy(out / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    r = torchrun(2, "--config", str(STAGE2), "--resume", f"data.train={data / 'pairs.jsonl'}", f"train.output_dir={tmp_path}",
+                 f"train.max_steps={STEPS}", f"train.save_every={HALF}", "data.batch_size=1")
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{HALF:08d}'}" in r.stderr
+    a = load_file(out / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
+    b = load_file(tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first, second = metrics(out), metrics(tmp_path)
+    assert [m["step"] for m in second] == list(range(1, STEPS + 1))  # the killed run's later lines were dropped
+    for m1, m2 in zip(first, second):
+        assert {k: v for k, v in m1.items() if k != "images_per_s"} == {k: v for k, v in m2.items()
+                                                                        if k != "images_per_s"}
+
+
+def test_export_encodes_with_from_pretrained(stage2_run):
+    out, _ = stage2_run
+    tok = seed.Tokenizer.from_pretrained(out / "export", device="cpu")
+    codes = tok.encode(PHOTOS)
+    assert codes.shape == (3, 32) and codes.dtype == torch.int64
+    assert 0 <= codes.min() and codes.max() < 8192
+    assert tok.embed(codes).shape == (3, 77, 24)
+    exported = load_file(out / "export" / "model.safetensors")
+    trained = load_file(out / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
+    shared = [k for k in trained if k.startswith(("quantizer.", "decoder."))]
+    assert "quantizer.codebook.weight" in shared
+    assert all(torch.equal(exported[k], trained[k]) for k in shared)
+
+
+def test_stage1_one_process_equals_two_processes(data, tmp_path):
+    """The same global batch (2 images) in 1 process and in 2 processes x 1: the same first-step
+    contrastive loss, so features are gathered across ranks correctly (dropout off)."""
+    common = [f"data.train={data / 'shard-000.tar'}", "train.max_steps=1", "dropout=0"]
+    torchrun(2, "--config", str(STAGE1), *common, f"train.output_dir={tmp_path / 'two'}", "data.batch_size=1")
+    _train_in_process(load_train_config(STAGE1, *common, f"train.output_dir={tmp_path / 'one'}", "data.batch_size=2",
+                                        "train.progress=false"))
+    one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert one["loss_itc"] > 0.05
+    assert two["loss_itc"] == pytest.approx(one["loss_itc"], rel=1e-5)
+
+
+def _train_in_process(cfg):
+    from seed.training.loop import train
+
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        train(cfg)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """One step of 2 images at once vs. 2 micro-batches of 1 (dropout off): the same loss, and
+    AdamW's first update (about lr x sign(grad)) the same except where a gradient is ~0. Were
+    only the last micro-batch's gradient kept, ~4% of the weights would move by 2 x lr."""
+    runs = {}
+    for batch, accum in ((2, 1), (1, 2)):
+        out = tmp_path / f"b{batch}a{accum}"
+        _train_in_process(load_train_config(STAGE2, f"train.output_dir={out}", "train.max_steps=1", "dropout=0",
+                                            f"data.batch_size={batch}", f"train.grad_accum={accum}",
+                                            "train.progress=false"))
+        runs[accum] = out
+    assert metrics(runs[1])[0]["loss"] == pytest.approx(metrics(runs[2])[0]["loss"], rel=1e-6)
+    a, b = (load_file(runs[k] / "checkpoints" / "step_00000001" / "model.safetensors") for k in (1, 2))
+    lr = metrics(runs[1])[0]["lr"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < lr / 2
+    moved = sum(((a[k] - b[k]).abs() > 1e-6).sum().item() for k in a) / sum(t.numel() for t in a.values())
+    assert moved < 0.01
+
+
+def test_seed2_objective_trains_and_exports(tmp_path):
+    """The SEED-2 tiny config in one process: the CLIP image-embedding term is trained and logged,
+    and the export is a SEED-2 tokenizer (one D-wide embedding per image)."""
+    _train_in_process(load_train_config(ROOT / "configs" / "train" / "seed2_stage2_tiny.yaml",
+                                        f"train.output_dir={tmp_path}", "train.max_steps=2", "train.progress=false"))
+    rows = metrics(tmp_path)
+    assert len(rows) == 2 and all(m["loss_distil_image"] > 0 and "loss_distil_text" not in m for m in rows)
+    tok = seed.Tokenizer.from_pretrained(tmp_path / "export", device="cpu")
+    assert tok.embed(tok.encode(PHOTOS)).shape == (3, 20)
+
+
+# --- pieces of the loop -------------------------------------------------------------------------
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # a cached gaussian in numpy's state
+    torch.save(rng_state(torch.device("cpu")), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
+    got = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    folder = tmp_path / "checkpoints" / "step_00000002"
+    state = {"step": 2, "position": {"epoch": 0, "index": 1}}
+    write_checkpoint(folder, {"w": torch.ones(2)}, state, "a: 1\n")
+    # a crash while writing step 4 leaves only a hidden temporary folder, never a step_ folder
+    (tmp_path / "checkpoints" / ".step_00000004.tmp").mkdir()
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_00000002"]
+    write_checkpoint(folder, {"w": torch.zeros(2)}, {**state, "step": 3}, "a: 2\n")  # replaces in place
+    tensors, st = read_checkpoint(folder)
+    assert torch.equal(tensors["w"], torch.zeros(2)) and st["step"] == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".step_00000004.tmp", "step_00000002"]
+    (folder / "state.pt").unlink()
+    with pytest.raises(seed.CheckpointError, match="state.pt: missing"):
+        read_checkpoint(folder)
+
+
+def test_codebook_usage_over_a_window():
+    usage = CodebookUsage(size=4, window=2)
+    usage.add(torch.tensor([3, 0, 0, 0]))
+    usage.add(torch.tensor([1, 2, 2, 0]))
+    stats = usage.stats()  # p = (.5, .25, .25, 0): entropy 1.5 bits
+    assert stats["codes_used"] == 0.75 and stats["perplexity"] == pytest.approx(2 ** 1.5)
+    usage.add(torch.tensor([0, 0, 0, 5]))  # the first step leaves the window
+    assert usage.total().tolist() == [1, 2, 2, 5]
+    restored = CodebookUsage(4, 2)
+    restored.load(usage.state())
+    assert restored.total().tolist() == [1, 2, 2, 5]
+
+
+def test_dead_codes_move_onto_encoder_outputs():
+    codebook = torch.zeros(5, 2)
+    candidates = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    dead = torch.tensor([True, False, True, False, False])
+    assert restart_dead_codes(codebook, dead, candidates, torch.Generator().manual_seed(0)) == 2
+    assert all(row in candidates.tolist() for row in codebook[dead].tolist())
+    assert codebook[~dead].abs().sum() == 0
+
+
+def test_a_fresh_run_refuses_an_output_folder_with_checkpoints(tmp_path):
+    from seed.training.loop import train
+
+    write_checkpoint(tmp_path / "checkpoints" / "step_00000005", {"w": torch.ones(1)}, {"step": 5}, "")
+    cfg = load_train_config(STAGE2, f"train.output_dir={tmp_path}")
+    with pytest.raises(seed.InputError, match="--resume"):
+        train(cfg)
+
+
+def test_tensorboard_without_the_package_says_how_to_install(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    from seed.training.loop import train
+
+    cfg = load_train_config(STAGE2, f"train.output_dir={tmp_path}", "train.tensorboard=true")
+    with pytest.raises(seed.InputError, match=r"seed\[train\]"):
+        train(cfg)
+
+
+def test_help_is_fast_and_bad_overrides_name_the_key():
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--resume" in r.stdout
+    assert time.perf_counter() - start < 3.0
+    r = subprocess.run([sys.executable, str(SCRIPT), "--config", str(STAGE2), "train.max_step=3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "train.max_step" in r.stderr and "train.max_steps" in r.stderr

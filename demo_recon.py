@@ -1,7 +1,8 @@
-"""Reconstruct photos with SEED: image -> 32 codes -> Stable Diffusion v1.4 -> images.
+"""Reconstruct photos with SEED: image -> 32 codes -> Stable Diffusion -> images.
 
-    python demo_recon.py                                      # the real model, weights in pretrained/
-    python demo_recon.py --config configs/seed_tiny.yaml      # tiny random model, runs anywhere
+    python demo_recon.py                                      # SEED-1 + SD v1.4, weights in pretrained/
+    python demo_recon.py --config configs/seed2_tokenizer.yaml   # SEED-2 + SD 2.1 unCLIP, weights in pretrained/
+    python demo_recon.py --config configs/seed_tiny.yaml      # tiny random SEED-1 (seed2_tiny: SEED-2), runs anywhere
     python demo_recon.py --image my.jpg --num-samples 4 diffusion.scheduler=dpm
 
 Prints each image's 32 codes, writes every reconstruction as a PNG and a grid (input | samples)
@@ -20,13 +21,14 @@ from PIL import Image, ImageOps
 import seed
 from seed.checkpoint import missing_file_hint
 from seed.config import resolve_path
-from seed.diffusion import check_model_path
 
 HERE = Path(__file__).resolve().parent
 
 
 def missing_weights(cfg) -> list[str]:
     """One line per weight file the config names that is not there, saying how to get it."""
+    from seed.diffusion import check_model_path, kind_of, seed_embed_shape  # diffusers: not for --help
+
     missing = []
     for name, path in (cfg.get("checkpoints") or {}).items():
         if path is not None and not resolve_path(path).is_file():
@@ -34,7 +36,7 @@ def missing_weights(cfg) -> list[str]:
     model = (cfg.get("diffusion") or {}).get("model")
     if model is not None:
         try:
-            check_model_path(model)
+            check_model_path(model, kind_of(seed_embed_shape(cfg)))
         except seed.CheckpointError as e:
             missing.append(f"diffusion.model: {e}")
     return missing
@@ -76,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {len(missing)} weight file(s) missing for {args.config}:", file=sys.stderr)
         for line in missing:
             print(f"  - {line}", file=sys.stderr)
+        tiny = "seed2_tiny" if cfg.model.decoder.get("head") == "image" else "seed_tiny"
         print("See pretrained/README.md, or run the tiny random model: "
-              "python demo_recon.py --config configs/seed_tiny.yaml", file=sys.stderr)
+              f"python demo_recon.py --config configs/{tiny}.yaml", file=sys.stderr)
         return 2
 
     out = Path(args.out)

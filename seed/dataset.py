@@ -448,10 +448,11 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so a rename or a new file in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -606,7 +607,7 @@ class JsonlWriter:
                 new = not self.path.exists()
                 self.file = open(self.path, "ab")
                 if new:  # make the new file's directory entry durable too
-                    _fsync_dir(self.path.parent)
+                    fsync_path(self.path.parent)
             self.file.write(data)
             self.file.flush()
             os.fsync(self.file.fileno())

@@ -7,6 +7,8 @@ import logging
 import re
 import shutil
 import string
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -100,12 +102,25 @@ def test_embeddings_condition_the_images(sd_tok):
     assert np.abs(pixels(a) - pixels(unguided)).mean() > 1
 
 
+def stock_images(folder, scheduler, embeds, negative, latents, steps, guidance_scale=7.5):
+    """What stock diffusers' StableDiffusionPipeline makes of the same embeddings and starting latents."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = scheduler
+    pipe.set_progress_bar_config(disable=True)
+    h, w = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
+    return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative,
+                num_images_per_prompt=len(latents) // len(embeds),
+                num_inference_steps=steps, guidance_scale=guidance_scale, eta=0.0, height=h, width=w,
+                latents=latents).images
+
+
 @pytest.mark.parametrize("name,cls", [("pndm", PNDMScheduler), ("ddim", DDIMScheduler),
                                       ("dpm", DPMSolverMultistepScheduler)])
-def test_every_scheduler(sd_tok, codes, name, cls):
-    images = sd_tok.decode(codes[:1], scheduler=name, num_inference_steps=3, height=32, width=32, num_samples=1)
-    assert len(images) == 1 and images[0].size == (32, 32)
-    sched = sd_tok.diffusion.pipe.scheduler
+def test_every_scheduler_gives_stock_diffusers_images(sd_tok, sd_folder, codes, name, cls):
+    """Each sampler is built from the model's scheduler config, and the images are exactly stock
+    diffusers' StableDiffusionPipeline with that scheduler, the empty-prompt unconditional branch and
+    starting latents drawn per sequence from a CPU generator seeded with `seed`."""
+    sched = sd_tok.diffusion.make_scheduler(name)
     assert type(sched) is cls
     assert sched.config.beta_schedule == "scaled_linear" and sched.config.num_train_timesteps == 1000
     assert sched.config.steps_offset == 1  # from the model's scheduler config, not the class defaults
@@ -113,7 +128,32 @@ def test_every_scheduler(sd_tok, codes, name, cls):
         assert sched.config.skip_prk_steps
     if name == "dpm":
         assert sched.config.algorithm_type == "dpmsolver++"
+    loaded = sd_tok.diffusion.pipe.scheduler
+    images = sd_tok.decode(codes, scheduler=name, num_inference_steps=3, height=32, width=48, num_samples=2, seed=5)
+    assert len(images) == 4 and images[0].size == (48, 32)
+    assert sd_tok.diffusion.pipe.scheduler is loaded  # each call has its own sampler: nothing shared is swapped
+    embeds = sd_tok.embed(codes)
+    latents = torch.cat([torch.randn(2, 4, 4, 6, generator=torch.Generator().manual_seed(5)) for _ in codes])
+    uncond = sd_tok.diffusion.uncond_embeddings().expand_as(embeds)
+    want = stock_images(sd_folder, sched, embeds, uncond, latents, steps=3)
+    for got, ref in zip(images, want, strict=True):
+        assert np.array_equal(pixels(got), pixels(ref))
     assert np.asarray(images[0]).std() > 0
+
+
+def test_negative_codes_are_the_unconditional_branch(sd_tok, sd_folder, codes):
+    """negative_codes (SEED-2's negative_indices, here for SEED-1 too): their embedding replaces the
+    empty prompt's in guidance, as stock diffusers' negative_prompt_embeds."""
+    negative = torch.randint(0, 8192, (1, 32), generator=torch.Generator().manual_seed(3))
+    plain = sd_tok.decode(codes[:1], num_samples=1, **FAST)[0]
+    neg = sd_tok.decode(codes[:1], negative_codes=negative, num_samples=1, **FAST)[0]
+    assert np.abs(pixels(plain) - pixels(neg)).mean() > 1
+    latents = torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(42))
+    want = stock_images(sd_folder, sd_tok.diffusion.make_scheduler("pndm"), sd_tok.embed(codes[:1]),
+                        sd_tok.embed(negative), latents, steps=2)[0]
+    assert np.array_equal(pixels(neg), pixels(want))
+    with pytest.raises(seed.InputError):
+        sd_tok.decode(codes, negative_codes=torch.zeros(3, 32, dtype=torch.long), **FAST)  # 3 rows for 2 sequences
 
 
 def test_schedulers_differ(sd_tok, codes):
@@ -158,13 +198,56 @@ def test_reconstruct_is_encode_then_decode(sd_tok, photos):
 
 def test_bad_settings_and_codes(sd_tok, codes):
     for bad in (dict(scheduler="euler"), dict(height=60), dict(width=0), dict(steps=0), dict(num_samples=0),
-                dict(seed=1.5), dict(steps=2, num_inference_steps=3)):
-        with pytest.raises(seed.InputError):
+                dict(seed=1.5), dict(steps=2, num_inference_steps=3), dict(guidance_scale=float("nan")),
+                dict(guidance_scale=float("inf")), dict(guidance_scale="7"), dict(steps=1001), dict(seed=2**64),
+                dict(seed=-1), dict(height=-64), dict(width=-8), dict(num_samples=-2), dict(steps=True),
+                dict(noise_level=3)):
+        name = next(k for k in bad if k != "num_inference_steps")
+        with pytest.raises(seed.InputError, match=name):  # the message names the setting
             sd_tok.decode(codes[:1], **bad)
+    assert len(sd_tok.decode(codes[:1], steps=1, seed=2**63 - 1, height=32, width=32, num_samples=1)) == 1
     with pytest.raises(seed.InputError, match="out of range"):
         sd_tok.decode([[8192] * 32])
     with pytest.raises(seed.InputError):
         sd_tok.decode([[1] * 31])
+
+
+def test_concurrent_decodes_load_once_and_match_sequential(sd_folder, codes, monkeypatch):
+    """4 threads x 3 decodes with mixed samplers on one fresh tokenizer: all succeed, each equals the
+    same decode run alone, and Stable Diffusion is loaded once (the lazy load holds a lock)."""
+    loads = []
+    real_load = diffusion.load_pipeline
+
+    def counting_load(*args, **kwargs):
+        loads.append(threading.get_ident())
+        time.sleep(0.2)  # widen the window in which a second thread could start its own load
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "load_pipeline", counting_load)
+    tok = seed.Tokenizer.from_config(seed.load_config(TINY, f"diffusion.model={sd_folder}"), device="cpu")
+    jobs = [(t, i, ("pndm", "ddim", "dpm")[(t + i) % 3], t * 3 + i) for t in range(4) for i in range(3)]
+    run = lambda name, s: pixels(tok.decode(codes[:1], scheduler=name, seed=s, steps=2, height=16, width=16,  # noqa: E731
+                                            num_samples=1)[0])
+    barrier = threading.Barrier(4)
+    results, errors = {}, []
+
+    def worker(t):
+        barrier.wait()
+        for job in (j for j in jobs if j[0] == t):
+            try:
+                results[job] = run(job[2], job[3])
+            except Exception as e:  # noqa: BLE001 - collected and reported below
+                errors.append(f"{job}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert len(loads) == 1, f"Stable Diffusion loaded {len(loads)} times"
+    for job in jobs:
+        assert np.array_equal(results[job], run(job[2], job[3])), job
 
 
 def test_encode_only_never_loads_sd(tmp_path, photos):

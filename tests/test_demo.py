@@ -45,3 +45,28 @@ def test_demo_missing_weights_names_each_file(tmp_path):
         assert line, f"{key} ({path}) not named in:\n{r.stderr}"
     assert r.stderr.count("download_weights.py") >= 2  # the EVA ViT and Stable Diffusion
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_seed2_tiny_decodes_with_a_random_unclip(tmp_path):
+    out = tmp_path / "demo"
+    r = run_demo("--config", str(ROOT / "configs" / "seed2_tiny.yaml"), "--image", str(ROOT / "assets" / "chelsea.png"),
+                 "--out", str(out), "--steps", "1", "--num-samples", "1", "diffusion.height=32", "diffusion.width=48")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"chelsea\.png: 32 codes: [\d ]+", r.stdout)
+    assert "RANDOM" in r.stderr
+    assert Image.open(out / "chelsea_recon0.png").size == (48, 32)
+    assert Image.open(out / "chelsea_grid.png").size == (2 * 48, 32)
+
+
+def test_demo_seed2_missing_weights_says_where_to_get_them(tmp_path):
+    files = {"checkpoints.vision": tmp_path / "eva_vit_g.pth", "checkpoints.quantizer": tmp_path / "seed_quantizer.pt",
+             "diffusion.model": tmp_path / "stable-diffusion-2-1-unclip"}
+    r = run_demo("--config", str(ROOT / "configs" / "seed2_tokenizer.yaml"), "--out", str(tmp_path / "out"),
+                 *(f"{k}={v}" for k, v in files.items()))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    for key, path in files.items():
+        assert any(key in ln and str(path) in ln for ln in r.stderr.splitlines()), f"{key} not named in:\n{r.stderr}"
+    unclip = next(ln for ln in r.stderr.splitlines() if "diffusion.model" in ln)
+    assert "stabilityai/stable-diffusion-2-1-unclip" in unclip
+    assert "configs/seed2_tiny.yaml" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -63,19 +63,6 @@ class ITCConfig:
 
 
 @dataclass
-class ItcConfig:
-    """Stage 1's image-text contrastive head and loss (the original's values)."""
-
-    embed_dim: int = 256
-    """Width of ``vision_proj`` / ``text_proj``."""
-    max_txt_len: int = 32
-    """BERT tokens per caption (padding to this length, truncation on the right)."""
-    temp: float = 0.07
-    """Initial temperature (a BLIP-2 start file overrides it)."""
-    label_smoothing: float = 0.1
-
-
-@dataclass
 class DataConfig:
     """Image-caption pairs and their processing (spec section 3)."""
 

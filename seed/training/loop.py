@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ..config import resolve_path
+from ..dataset import fsync_path
 from ..errors import CheckpointError, InputError
 from .config import image_size, max_steps
 from .data import Position, build_loader, read_pairs
@@ -136,14 +137,6 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted((p for p in d.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)), key=lambda p: p.name)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict, config_yaml: str) -> None:
     """Write one checkpoint folder atomically: into ``.NAME.tmp``, fsync every file and the
     folder, then rename to ``NAME`` (replacing an older one of the same name) and fsync the parent."""
@@ -159,8 +152,8 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict
         torch.save(state, f)
     (tmp / CONFIG_FILE).write_text(config_yaml)
     for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE):
-        _fsync(tmp / name)
-    _fsync(tmp)
+        fsync_path(tmp / name)
+    fsync_path(tmp)
     if folder.exists():
         old = parent / f".{folder.name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -169,7 +162,7 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict
         shutil.rmtree(old)
     else:
         tmp.rename(folder)
-    _fsync(parent)
+    fsync_path(parent)
 
 
 def read_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -689,7 +689,6 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
     in the folder are skipped. The folder must have been prepared (`prepare_output`) under
     `OutputLock`. A KeyboardInterrupt stops between writes: every line on disk is complete.
     """
-    import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from omegaconf import DictConfig
 from timm.models.eva import Eva
 from torch import nn

@@ -100,3 +100,27 @@ def tiny_tok(tiny_cfg):
 @pytest.fixture(scope="session")
 def photos():
     return PHOTOS
+
+
+def seed2_tokenizer(fixture: Path, *extra: str, **files) -> seed.Tokenizer:
+    """The SEED-2 tokenizer of a seed2 parity fixture (configs/seed2_tiny.yaml at its dimensions), on the CPU."""
+    return seed.Tokenizer.from_config(seed.load_config(TINY2, *seed2_overrides(fixture, **files), *extra), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP with 32 x 32 inputs, saved as a transformers folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=16)
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PHOTOS, ROOT, fixtures
+from conftest import PHOTOS, ROOT, fixtures, seed2_tokenizer
 from PIL import Image
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -101,12 +101,10 @@ def img_text(codes) -> str:
 def test_prompt_ids_equal_the_original_template(llm_folder, fixture, template):
     """Text + image turns tokenize exactly as the original scripts' strings (SEED2_SPEC "Codes <-> LLM text"),
     with the codes the original tokenizer gave for each image (expected.pt), one row per conversation."""
-    from test_seed2 import build
-
     expected = torch.load(fixture / "expected.pt", weights_only=True)
     paths = [fixture / "images" / name for name in expected["images"]]
     tok = AutoTokenizer.from_pretrained(llm_folder)
-    pipe = SeedLlama.from_pretrained(llm_folder, image_tokenizer=build(fixture), template=template)
+    pipe = SeedLlama.from_pretrained(llm_folder, image_tokenizer=seed2_tokenizer(fixture), template=template)
     convs = [[paths[i], QUESTION] for i in range(len(paths))] + ["Can you generate an image of a dog?"]
     enc = pipe.prompt_ids(convs)
     for i, conv in enumerate(convs):

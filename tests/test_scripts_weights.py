@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPImageProcessor, CLIPModel
 
 import seed
 from conftest import PARITY, ROOT, TINY, parity_overrides
@@ -91,23 +91,6 @@ def test_download_skips_what_is_there(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("[skip]") == 3 and "[get" not in r.stdout
     assert "put it at" not in r.stdout
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A random CLIP with 32 x 32 inputs, saved as a transformers folder."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                           num_hidden_layers=2, num_attention_heads=2),
-        projection_dim=16)
-    CLIPModel(cfg).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
 
 
 def test_eval_reconstruction_on_tiny_clip(tiny_clip, photos, tmp_path, capsys):

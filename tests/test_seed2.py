@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY2, fixtures, seed2_overrides
+from conftest import ROOT, TINY2, fixtures, seed2_overrides, seed2_tokenizer
 
 import seed
 import seed.checkpoint
@@ -27,8 +27,7 @@ from seed.llm import codes_to_text, codes_to_token_ids
 SEED2 = fixtures("seed2")
 
 
-def build(fixture: Path, *extra: str, **files) -> seed.Tokenizer:
-    return seed.Tokenizer.from_config(seed.load_config(TINY2, *seed2_overrides(fixture, **files), *extra), device="cpu")
+build = seed2_tokenizer
 
 
 @pytest.fixture(scope="module", params=SEED2, ids=[p.name for p in SEED2])

@@ -31,9 +31,8 @@ from PIL import Image, ImageOps
 
 import seed
 import seed.dataset
-from conftest import PARITY, PARITY_ROOT, PHOTOS, ROOT, TINY, parity_overrides
+from conftest import PARITY, PARITY_ROOT, PHOTOS, ROOT, TINY, parity_overrides, seed2_overrides
 from seed.dataset import discover, signals_deferred
-from test_scripts_weights import tiny_clip  # noqa: F401  (a fixture: a tiny random CLIP folder)
 
 SCRIPT = ROOT / "scripts" / "tokenize_dataset.py"
 BAD = {"broken/truncated.jpg", "fake.jpg", "empty.png"}
@@ -487,8 +486,6 @@ def test_list_file(photo_dir, expected, tmp_path):
 @pytest.mark.parametrize("fixture", sorted((PARITY_ROOT / "seed2").glob("*/spec.json")), ids=lambda p: p.parent.name)
 def test_seed2_text_form_is_the_originals(fixture, tmp_path):
     """SEED-2 through the dataset run: --format text gives the original's SEED-LLaMA text per image."""
-    from test_seed2 import seed2_overrides
-
     fixture = fixture.parent
     want = torch.load(fixture / "expected.pt", weights_only=True)
     overrides = seed2_overrides(fixture)

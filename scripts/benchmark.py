@@ -126,15 +126,24 @@ def fp16_all_agreement(cfg, args, device: torch.device) -> float:
     return (codes[0] == codes[1]).float().mean().item()
 
 
-def random_sd_at_real_size(cfg) -> None:
-    """Point ``cfg.diffusion`` at a RANDOM SD v1.4 of the real dimensions when its weights are absent."""
+def random_sd_at_real_size(cfg) -> bool:
+    """Point ``cfg.diffusion`` at a RANDOM SD v1.4 of the real dimensions when its weights are absent.
+
+    Returns False when decoding cannot be benchmarked: a SEED-2 config whose unCLIP folder is absent
+    (seed ships no SD 2.1 unCLIP component configs to build a random one from).
+    """
     if cfg.diffusion.model is None or resolve_path(cfg.diffusion.model).exists():
-        return
+        return True
+    if cfg.model.decoder.head == "image":
+        logging.warning("decode not benchmarked: %s is absent (python scripts/download_weights.py --model seed2)",
+                        cfg.diffusion.model)
+        return False
     spec = {}
     for part in ("unet", "vae", "text_encoder"):
         config = json.loads((SD_CONFIGS / part / "config.json").read_text())
         spec[part] = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg.diffusion.model, cfg.diffusion.random = None, spec
+    return True
 
 
 def bench_decode(tok: seed.Tokenizer, args, device: torch.device) -> dict:
@@ -208,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     no_files = [] if args.real_weights else ["checkpoints.vision=null", "checkpoints.qformer=null",
                                              "checkpoints.codebook=null", "checkpoints.quantizer=null"]
     cfg = seed.load_config(args.config, *no_files, *args.overrides)
-    if args.samplers:
-        random_sd_at_real_size(cfg)
+    if args.samplers and not random_sd_at_real_size(cfg):
+        args.samplers = []
     tok = seed.Tokenizer.from_config(cfg, device=device, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None)
     if args.compile:
         tok.compile_vision()

@@ -69,7 +69,7 @@ HOW_TO_GET = {
     "sd1": ("run `python scripts/download_weights.py` (Stable Diffusion v1.4 in diffusers format, "
             "CompVis/stable-diffusion-v1-4), or set diffusion.model to a diffusers folder or to the "
             "original sd-v1-4.ckpt / .safetensors file"),
-    "unclip": (f"run `python scripts/download_weights.py` (Stable Diffusion 2.1 unCLIP in diffusers format, "
+    "unclip": (f"run `python scripts/download_weights.py --model seed2` (Stable Diffusion 2.1 unCLIP in diffusers format, "
                f"{UNCLIP_REPO}; the image_encoder is not needed), or set diffusion.model to such a folder"),
 }
 """Where to get the weights, per kind of model."""

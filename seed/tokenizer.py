@@ -125,7 +125,8 @@ class Tokenizer(nn.Module):
         return tok._ready(device, dtype)
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``config.yaml`` and ``model.safetensors`` (float32, our key names) into ``folder``.
+        """Write ``config.yaml`` and ``model.safetensors`` (our key names, each weight in the dtype it
+        has in memory: see `seed.hub.save`) into ``folder``.
 
         The folder loads by itself with `from_pretrained` (the config's ``checkpoints`` are dropped).
         """
@@ -174,7 +175,7 @@ class Tokenizer(nn.Module):
         m = self.cfg.model
         v, q, c = m.vision, m.qformer, m.codebook
         params = sum(p.numel() for p in self.parameters()) / 1e6
-        return (f"Tokenizer({getattr(self, 'variant', 'seed1')}, {m.image_size}px, "
+        return (f"Tokenizer({self.variant}, {m.image_size}px, "
                 f"ViT {v.width}x{v.depth}, Q-Former {q.hidden_size}x{q.num_layers}, codebook {c.size}x{c.dim}, "
                 f"{params:.1f}M params, device={self.device}, "
                 f"vision={str(self.vision.patch_embed.proj.weight.dtype).removeprefix('torch.')}, "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from ..dataset import IMAGE_EXTENSIONS
 from ..errors import InputError
@@ -207,59 +206,23 @@ def read_pairs(src: str | os.PathLike) -> list[Pair]:
 
 # --- augmentation -------------------------------------------------------------------------------
 
-def crop_params(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
-                gen: torch.Generator) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box ``(top, left, h, w)``, drawn from ``gen``.
-
-    The same draws as torchvision's ``RandomResizedCrop.get_params`` (which uses the global
-    generator): up to 10 tries of an area and a log-uniform aspect ratio, then a centre crop
-    clamped to ``ratio``.
-    """
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=gen).item()
-        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen)).item()
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            i = torch.randint(0, height - h + 1, size=(1,), generator=gen).item()
-            j = torch.randint(0, width - w + 1, size=(1,), generator=gen).item()
-            return i, j, h, w
-    in_ratio = float(width) / float(height)
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 class TrainTransform:
-    """The original training augmentation (LAVIS ``blip2_image_train``): RandomResizedCrop(size,
-    scale (min_scale, 1), ratio (3/4, 4/3), bicubic), RandomHorizontalFlip(0.5), ToTensor, CLIP
-    Normalize. ``__call__(img, gen)`` -> float32 [3, size, size]."""
-
-    ratio = (3.0 / 4.0, 4.0 / 3.0)
+    """The original training augmentation (LAVIS ``blip2_image_train``), torchvision's own:
+    RandomResizedCrop(size, scale (min_scale, 1), ratio (3/4, 4/3), bicubic), RandomHorizontalFlip(0.5),
+    ToTensor, CLIP Normalize. ``__call__(img, seed)`` -> float32 [3, size, size]; its random draws come
+    from ``seed`` alone (the global RNG is left as it was), so a sample's crop and flip do not depend
+    on the worker, the rank or what ran before."""
 
     def __init__(self, size: int, min_scale: float = 0.5, flip: bool = True):
-        self.size, self.scale, self.flip = size, (min_scale, 1.0), flip
+        steps = [T.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+                                     interpolation=InterpolationMode.BICUBIC)]
+        steps += [T.RandomHorizontalFlip(0.5)] if flip else []
+        self.pipeline = T.Compose([*steps, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
-    def params(self, width: int, height: int, gen: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
-        """The crop box ``(top, left, h, w)`` and whether to flip, drawn from ``gen`` in that order."""
-        box = crop_params(width, height, self.scale, self.ratio, gen)
-        flip = self.flip and bool(torch.rand(1, generator=gen) < 0.5)
-        return box, flip
-
-    def __call__(self, img: Image.Image, gen: torch.Generator) -> torch.Tensor:
-        (i, j, h, w), flip = self.params(img.width, img.height, gen)
-        img = TF.resized_crop(img, i, j, h, w, [self.size, self.size], InterpolationMode.BICUBIC)
-        if flip:
-            img = TF.hflip(img)
-        return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
+    def __call__(self, img: Image.Image, seed: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.pipeline(img)
 
 
 def sample_seed(seed: int, epoch: int, index: int, attempt: int = 0) -> int:
@@ -295,8 +258,7 @@ class PairDataset(Dataset):
                 msg = str(e) if isinstance(e, InputError) else f"{pair.path}: {type(e).__name__}: {e}"
                 skipped.append((pair.id, msg))
                 continue
-            gen = torch.Generator().manual_seed(s)
-            pixels = self.transform(img, gen)
+            pixels = self.transform(img, s)
             caption = random.Random(s).choice(pair.captions)
             return {"pixel_values": pixels, "caption": clean_caption(caption, self.max_words), "skipped": skipped}
         raise InputError(f"{len(skipped)} images in a row failed to load, the last: {skipped[-1][1]}")

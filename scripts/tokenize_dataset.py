@@ -24,24 +24,17 @@ import signal
 import sys
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,12 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="a config YAML, e.g. configs/seed_tokenizer.yaml")
     parser.add_argument("--input", required=True, help="a folder of images, a text file listing paths, or a .tar shard")
     parser.add_argument("--output", required=True, help="output folder (run.json, codes/, errors/, done/)")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader processes decoding images")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=64)
+    parser.add_argument("--num-workers", type=int_at_least(0), default=4, help="DataLoader processes decoding images")
     parser.add_argument("--format", choices=("codes", "text", "codes+text"), default="codes",
                         help="codes: 32 ints per image; text: the SEED-LLaMA string <img><img_00012>...</img> "
                              "(seed.llm.codes_to_text); codes+text: both")
-    parser.add_argument("--chunk-size", type=positive_int, default=None,
+    parser.add_argument("--chunk-size", type=int_at_least(1), default=None,
                         help="images per output chunk (default: about 4 chunks per process, at most 10000); "
                              "fixed by the first run of an output folder")
     parser.add_argument("--force-mismatch", action="store_true",

@@ -382,7 +382,7 @@ def test_another_model_or_input_is_refused_unless_forced(single_run, photo_dir, 
 def test_bad_arguments_fail_before_the_model_loads(photo_dir, tmp_path):
     with mock.patch.object(seed.Tokenizer, "from_config", side_effect=AssertionError("the model loaded")):
         for flags, message in ((["--batch-size", "0"], "--batch-size: must be at least 1"),
-                               (["--num-workers", "-1"], "--num-workers: must be 0 or more")):
+                               (["--num-workers", "-1"], "--num-workers: must be at least 0")):
             rc, _, err = run(photo_dir, tmp_path / "out", *flags)
             assert rc == 2 and message in err, err
         rc, _, err = run(tmp_path / "nowhere", tmp_path / "out")

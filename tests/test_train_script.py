@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -31,7 +32,7 @@ STAGE2 = ROOT / "configs" / "train" / "seed1_stage2_tiny.yaml"
 CAPTIONS = {"camera": ["A man in a dark coat looks through a camera on a tripod.", "An old camera on a tripod!"],
             "chelsea": ["A tabby cat with green eyes, looking to the side!", "A striped cat (close-up)."],
             "coffee": ["A cup of coffee (with latte art) on a saucer.", "Coffee in a white cup."]}
-STEPS, HALF = 6, 3
+STEPS, HALF = 24, 12
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -87,7 +88,7 @@ def test_stage2_trains_with_torchrun_and_the_loss_falls(stage2_run):
     for m in rows:  # the weighted terms add up to the total, as the original's forward
         assert m["loss"] == pytest.approx(m["loss_embed"] + m["loss_recon_s"] + m["loss_distil_text"], rel=1e-5)
         assert 1 <= m["perplexity"] <= 8192 and 0 < m["codes_used"] <= 1
-    assert "step 6/6" in r.stderr and "images_per_s" in r.stderr and "perplexity" in r.stderr
+    assert f"step {STEPS}/{STEPS}" in r.stderr and "images_per_s" in r.stderr and "perplexity" in r.stderr
 
 
 def test_lr_follows_the_original_schedule(stage2_run):
@@ -122,8 +123,34 @@ def test_checkpoints_hold_everything_to_resume(stage2_run):
     assert (folders[-1] / "config.yaml").is_file() and not list((out / "checkpoints").glob(".*"))
 
 
+def test_sigkill_mid_run_then_resume_ends_with_the_same_weights(stage2_run, data, tmp_path):
+    """A real kill: SIGKILL the whole torchrun job (agent and both ranks) as soon as its step-8
+    checkpoint lands, wherever the job is then (training, writing the next checkpoint), and rerun
+    with --resume: the same final weights as the uninterrupted run."""
+    out, _ = stage2_run
+    args = ["--config", str(STAGE2), f"data.train={data / 'pairs.jsonl'}", f"train.output_dir={tmp_path}",
+            f"train.max_steps={STEPS}", "train.save_every=4", "data.batch_size=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT), *args]
+    job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "checkpoints" / "step_00000008").is_dir() and job.poll() is None:
+        assert time.monotonic() < deadline, "no step-8 checkpoint in time"
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    done = [c.name for c in checkpoints(tmp_path)]
+    assert f"step_{STEPS:08d}" not in done, "the job finished before the kill: nothing was tested"
+    torchrun(2, *args, "--resume")
+    a = load_file(out / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
+    b = load_file(tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(1, STEPS + 1))
+
+
 def test_resume_after_a_kill_ends_with_the_same_weights(stage2_run, data, tmp_path):
-    """A run killed after its step-3 checkpoint (metrics of later steps already written), resumed
+    """A run killed after its step-12 checkpoint (metrics of later steps already written), resumed
     with --resume: the same losses at every later step and bit-identical final weights."""
     out, _ = stage2_run
     shutil.copytree(out / "checkpoints" / f"step_{HALF:08d}", tmp_path / "checkpoints" / f"step_{HALF:08d}")

@@ -124,3 +124,27 @@ def tiny_clip(tmp_path_factory):
     CLIPModel(cfg).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def run_in_threads(run, jobs: list[tuple], threads: int = 4) -> tuple[dict, list[str]]:
+    """Run ``run(job)`` for every job, ``job[0]`` naming its thread (0..threads-1); the threads start
+    together. Returns ({job: result}, [error messages])."""
+    import threading
+
+    barrier = threading.Barrier(threads)
+    results, errors = {}, []
+
+    def worker(t):
+        barrier.wait()
+        for job in (j for j in jobs if j[0] == t):
+            try:
+                results[job] = run(job)
+            except Exception as e:  # noqa: BLE001 - collected and reported by the caller
+                errors.append(f"{job}: {type(e).__name__}: {e}")
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return results, errors

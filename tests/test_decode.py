@@ -22,7 +22,7 @@ import seed
 from seed import diffusion
 from seed.diffusion import Diffusion
 
-from conftest import TINY
+from conftest import TINY, run_in_threads
 
 FAST = dict(steps=2, height=64, width=48)  # small and quick; non-square to catch a swapped size
 
@@ -228,22 +228,7 @@ def test_concurrent_decodes_load_once_and_match_sequential(sd_folder, codes, mon
     jobs = [(t, i, ("pndm", "ddim", "dpm")[(t + i) % 3], t * 3 + i) for t in range(4) for i in range(3)]
     run = lambda name, s: pixels(tok.decode(codes[:1], scheduler=name, seed=s, steps=2, height=16, width=16,  # noqa: E731
                                             num_samples=1)[0])
-    barrier = threading.Barrier(4)
-    results, errors = {}, []
-
-    def worker(t):
-        barrier.wait()
-        for job in (j for j in jobs if j[0] == t):
-            try:
-                results[job] = run(job[2], job[3])
-            except Exception as e:  # noqa: BLE001 - collected and reported below
-                errors.append(f"{job}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    results, errors = run_in_threads(lambda job: run(job[2], job[3]), jobs)
     assert not errors, errors
     assert len(loads) == 1, f"Stable Diffusion loaded {len(loads)} times"
     for job in jobs:

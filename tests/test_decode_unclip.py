@@ -25,7 +25,7 @@ import seed
 from seed import diffusion
 from seed.diffusion import Diffusion, ImageConditioned
 
-from conftest import PARITY_ROOT, ROOT, TINY
+from conftest import PARITY_ROOT, ROOT, TINY, run_in_threads
 
 TINY2 = ROOT / "configs" / "seed2_tiny.yaml"
 FIXTURE = PARITY_ROOT / "seed2" / "seed2-tiny"
@@ -260,22 +260,7 @@ def test_concurrent_decodes_load_once_and_match_sequential(unclip_folder, codes,
         return pixels(tok.decode(codes[i % 3], scheduler=name, seed=s, num_samples=1, steps=2, height=16, width=16,
                                  negative_codes=codes[2] if s % 2 else None)[0])
 
-    barrier = threading.Barrier(4)
-    results, errors = {}, []
-
-    def worker(t):
-        barrier.wait()
-        for job in (j for j in jobs if j[0] == t):
-            try:
-                results[job] = run(job)
-            except Exception as e:  # noqa: BLE001 - collected and reported below
-                errors.append(f"{job}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    results, errors = run_in_threads(run, jobs)
     assert not errors, errors
     assert len(loads) == 1, f"the unCLIP pipeline was loaded {len(loads)} times"
     for job in jobs:

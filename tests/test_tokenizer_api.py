@@ -6,8 +6,6 @@ Tests that compare codes use the seed1 parity fixture's weights: their codes var
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import seed
-from conftest import PHOTOS, TINY
+from conftest import PHOTOS, TINY, run_in_threads
 
 
 @pytest.fixture(scope="module")
@@ -185,23 +183,11 @@ def test_rgb_with_a_transparent_key_colour_goes_on_white(tmp_path):
 
 def test_concurrent_encodes_on_one_tokenizer(parity_tok, paths):
     expected = parity_tok.encode(paths)
-    results, errors = [], []
-
-    def work(i):
-        try:
-            for _ in range(3):
-                results.append((i, parity_tok.encode(paths[i % len(paths)])))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    jobs = [(t, i) for t in range(4) for i in range(3)]
+    results, errors = run_in_threads(lambda job: parity_tok.encode(paths[(job[0] + job[1]) % len(paths)]), jobs)
     assert not errors and len(results) == 12
-    for i, codes in results:
-        assert torch.equal(codes, expected[i % len(paths)].unsqueeze(0))
+    for (t, i), codes in results.items():
+        assert torch.equal(codes, expected[(t + i) % len(paths)].unsqueeze(0))
 
 
 def test_repr_is_a_short_summary(parity_tok):

@@ -1,0 +1,1 @@
+"""Evaluation: metrics and one runner per task, as the papers measure."""

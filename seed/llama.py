@@ -4,7 +4,7 @@
 tokens ``<img>``, ``</img>``, ``<img_00000>`` .. ``<img_08191>``; `seed.llm.add_image_tokens`
 adds them to a tokenizer that lacks them) and a SEED-2 `seed.Tokenizer`. Images in a
 conversation become ``<img>`` + 32 code tokens + ``</img>`` inline in the prompt, exactly as the
-original SEED-LLaMA scripts build it; image spans the LM generates become codes, then pixels
+original SEED-LLaMA scripts build it, tokenized to the original stack's ids (`seed.llm.encode_text`); image spans the LM generates become codes, then pixels
 through the SEED-2 decoder and Stable Diffusion 2.1 unCLIP.
 
 A conversation is either one user turn (a ``str``, an image, or a list of such parts) or a list
@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from PIL import Image
 
 from . import llm
 from .errors import CheckpointError, InputError
-from .llm import BOI, NUM_CODES, NUM_IMAGE_TOKENS, ImageSpanConstraint, ImageTokenIds
+from .llm import BOI, EOI, NUM_CODES, NUM_IMAGE_TOKENS, ImageSpanConstraint, ImageTokenIds
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -47,8 +48,10 @@ logger = logging.getLogger(__name__)
 
 TEMPLATES = ("vicuna", "llama2", "chat", "raw")
 """Prompt templates: ``vicuna`` (SEED-LLaMA 8B: ``USER: ... ASSISTANT:``), ``llama2`` (14B:
-``[INST] ... [/INST]``), ``chat`` (the tokenizer's own chat template), ``raw`` (bos + the turns'
-contents concatenated, as the original demo backend sends them to the pre-trained models)."""
+``[INST] ... [/INST]``), ``chat`` (the tokenizer's own chat template), ``raw`` (bos + every turn's
+contents concatenated, no role markers or separators: the original flask backend sends the request
+text of a pre-trained, not instruction-tuned, model as bos + that text, and the original eval scripts
+prompt text-to-image as bos + caption + ``<img>``)."""
 
 DEFAULT_GENERATION: dict[str, Any] = {"max_new_tokens": 512, "do_sample": True, "temperature": 1.0, "top_p": 0.5,
                                       "num_beams": 1}
@@ -56,6 +59,52 @@ DEFAULT_GENERATION: dict[str, Any] = {"max_new_tokens": 512, "do_sample": True, 
 
 SEED_LLAMA_TOKENIZER = "AILab-CVC/seed-tokenizer-2"
 """Where SEED-LLaMA's tokenizer lives on the Hub (LLaMA's SentencePiece model plus the image tokens)."""
+
+TINY_LLAMA_TOKENIZER = Path(__file__).parent / "assets" / "tiny_llama_tokenizer"
+"""The tokenizer of ``SeedLlama.from_pretrained("tiny")``: a real SentencePiece BPE model of 600 pieces
+(``<unk>``/``<s>``/``</s>`` = 0/1/2, byte fallback) + the image tokens ``<img_k>`` = 600 + k, ``<img>`` =
+8792, ``</img>`` = 8793, laid out like ``AILab-CVC/seed-tokenizer-2`` (the LLM training fixture's)."""
+
+TINY_LLAMA: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+                              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False}
+"""``LlamaConfig`` keyword arguments of the tiny random LLaMA (``vocab_size``: the tokenizer's)."""
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> PreTrainedModel:
+    """A tiny random ``LlamaForCausalLM`` (`TINY_LLAMA`, fp32, ~0.6M parameters), the same for the same
+    ``seed`` and ``vocab_size``; the global RNG is left as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **TINY_LLAMA)).eval()
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(source)``; a SentencePiece folder without sentencepiece or
+    protobuf installed is a clear ImportError (transformers would blame tiktoken)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(source).expanduser()
+    if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+        missing = [m for m in ("sentencepiece", "google.protobuf") if not _installed(m)]
+        if missing:
+            raise ImportError(f"the tokenizer in {folder} is a SentencePiece model (tokenizer.model): it needs "
+                              "sentencepiece and protobuf: pip install sentencepiece protobuf")
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+_TYPED_IMAGE_TOKEN = re.compile(re.escape(BOI) + "|" + re.escape(EOI) + r"|<img_\d{5}>")
+_RESERVED = ("input_ids", "attention_mask", "inputs", "inputs_embeds")
+"""``model.generate`` arguments `SeedLlama.generate` makes from the conversations itself."""
 
 Part = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor, Mapping[str, Any]]
 Conversation = Union[Part, Sequence[Part], Sequence[Mapping[str, Any]]]
@@ -86,17 +135,31 @@ class Reply:
     ``codes``: int64 [32] per well-formed generated image, in order (``codes[i]`` belongs to
     ``images[i]``). ``errors``: one message per malformed span. ``token_ids``: the generated
     ids (int64 [T], without the prompt, cut at the first EOS).
+
+    A text part is its run of ids decoded on its own, as the original does
+    (`seed.llm.decode_text`: ``decode(run, skip_special_tokens=True)``), so it never starts with
+    the space its first token (``▁word``) stands for; ``spaced`` holds the indices of the parts
+    where that space was dropped. `text` and `as_message` put it back where it matters.
     """
 
     parts: list[str | Image.Image | torch.Tensor | MalformedSpan]
     codes: list[torch.Tensor] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     token_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    spaced: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def text(self) -> str:
-        """The text parts joined, each image (or malformed span) shown as ``<image>``."""
-        return "".join(p if isinstance(p, str) else "<image>" for p in self.parts)
+        """The parts joined, each image (or malformed span) shown as ``<image>``; a text part right
+        after an image keeps the space its first token stands for (``"<image> and a cat"``)."""
+        out = []
+        for i, p in enumerate(self.parts):
+            if not isinstance(p, str):
+                out.append("<image>")
+            else:
+                after_image = i > 0 and not isinstance(self.parts[i - 1], str)
+                out.append(" " + p if after_image and i in self.spaced else p)
+        return "".join(out)
 
     @property
     def images(self) -> list[Image.Image | torch.Tensor]:
@@ -104,20 +167,19 @@ class Reply:
         return [p for p in self.parts if not isinstance(p, (str, MalformedSpan))]
 
     def as_message(self) -> dict[str, Any]:
-        """This reply as an assistant message for the next turn: images as their codes, malformed
-        spans dropped, the whitespace around the whole answer stripped (the template adds its own)."""
+        """This reply as an assistant message for the next turn, as the original demo re-sends it:
+        images as their codes, malformed spans dropped, every text part with the space its first
+        token stands for (``" There are four dogs."``). The next prompt then holds the ids the
+        original demo gives that history (with ``vicuna`` that is ``ASSISTANT:`` + ``▁`` + ``▁There``,
+        one ``▁`` more than the LM generated; with ``llama2`` exactly the generated ids)."""
         content: list[Any] = []
         images = iter(self.codes)
-        for p in self.parts:
+        for i, p in enumerate(self.parts):
             if isinstance(p, str):
-                content.append(p)
+                content.append(" " + p if i in self.spaced else p)
             elif not isinstance(p, MalformedSpan):
                 content.append(next(images))
-        if content and isinstance(content[0], str):
-            content[0] = content[0].lstrip()
-        if content and isinstance(content[-1], str):
-            content[-1] = content[-1].rstrip()
-        return {"role": "assistant", "content": [c for c in content if not isinstance(c, str) or c]}
+        return {"role": "assistant", "content": content}
 
 
 # --------------------------------------------------------------------------- conversations
@@ -234,24 +296,30 @@ def render(messages: Sequence[tuple[str, str]], template: str, tokenizer: PreTra
 # --------------------------------------------------------------------------- generated ids -> parts
 
 
-def parse_generated(ids: Sequence[int], image_ids: ImageTokenIds, tokenizer: PreTrainedTokenizerBase
-                    ) -> tuple[list[str | torch.Tensor | MalformedSpan], list[str]]:
-    """Generated ids -> parts (text str, codes int64 [32], `MalformedSpan`) and error messages.
+def parse_generated(ids: Sequence[int], image_ids: ImageTokenIds, tokenizer: PreTrainedTokenizerBase,
+                    with_spaced: bool = False) -> tuple[Any, ...]:
+    """Generated ids -> parts (text str, codes int64 [32], `MalformedSpan`) and error messages
+    (and, with ``with_spaced``, the indices of the text parts whose first token stands for a space
+    the decode dropped: `Reply.spaced`).
 
     A span is ``<img>`` up to the next ``</img>``; it becomes codes only if it holds exactly 32
     code tokens (the demo backend's rule). A span with another length or a non-code token, an
     ``<img>`` never closed (or followed by another ``<img>``), and stray ``</img>`` or code tokens
-    outside a span are reported, not raised. Text is decoded with special tokens skipped.
+    outside a span are reported, not raised. Each run of text ids between spans is decoded on its
+    own as the original does (`seed.llm.decode_text`); a run that decodes to ``""`` is left out.
     """
     code_of = {int(t): k for k, t in enumerate(image_ids.codes.tolist())}
     parts: list[str | torch.Tensor | MalformedSpan] = []
     errors: list[str] = []
     text: list[int] = []
+    spaced: set[int] = set()
 
     def flush() -> None:
         if text:
-            s = tokenizer.decode(text, skip_special_tokens=True)
+            s = llm.decode_text(tokenizer, text)
             if s:
+                if llm.decode_text(tokenizer, text, keep_leading_space=True) != s:
+                    spaced.add(len(parts))
                 parts.append(s)
             text.clear()
 
@@ -297,7 +365,7 @@ def parse_generated(ids: Sequence[int], image_ids: ImageTokenIds, tokenizer: Pre
             text.append(t)
             i += 1
     flush()
-    return parts, errors
+    return (parts, errors, frozenset(spaced)) if with_spaced else (parts, errors)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -327,6 +395,8 @@ class SeedLlama:
             raise InputError(f"unknown template {template!r}; choose one of {list(TEMPLATES)}")
         self.tokenizer = tokenizer
         self.template = template
+        self.random_weights = False
+        """True when the LM's weights are random (``from_pretrained("tiny")``): say so in a UI."""
         self.system = system
         self.constrain_images = constrain_images
         n = len(tokenizer)
@@ -346,13 +416,18 @@ class SeedLlama:
 
     @classmethod
     def from_pretrained(cls, llm_name: str | Path, *, tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
-                        image_tokenizer: Tokenizer | str | Path | DictConfig = "seed2_tokenizer",
-                        template: str = "vicuna", system: str | None = None, constrain_images: bool = True,
+                        image_tokenizer: Tokenizer | str | Path | DictConfig | None = None,
+                        template: str | None = None, system: str | None = None, constrain_images: bool = True,
                         torch_dtype: torch.dtype | str | None = None, device_map: str | Mapping | None = None,
                         load_in_8bit: bool = False, load_in_4bit: bool = False,
                         **model_kwargs: Any) -> SeedLlama:
-        """SEED-LLaMA from a Hub id or folder (``AILab-CVC/seed-llama-8b-sft``, ``...-14b-sft`` with
-        ``template="llama2"``) or any causal LM.
+        """SEED-LLaMA from a Hub id or folder (``AILab-CVC/seed-llama-8b-sft``, ``...-14b-sft``), any
+        causal LM, or ``"tiny"``: a seeded random tiny LLaMA (`TINY_LLAMA`) with a real small
+        SentencePiece tokenizer shipped with seed (`TINY_LLAMA_TOKENIZER`), for demos and tests;
+        nothing is downloaded and ``random_weights`` is True.
+
+        ``template``: default ``llama2`` for a name containing ``seed-llama-14b``, else ``vicuna``
+        (SEED-LLaMA 8B, and ``tiny``).
 
         ``tokenizer``: a Hub id, folder or tokenizer object (default: ``llm_name``'s, or for
         ``AILab-CVC/seed-llama-*`` SEED-LLaMA's, `SEED_LLAMA_TOKENIZER`); loaded now. The LM loads
@@ -361,10 +436,9 @@ class SeedLlama:
         ``pip install 'seed[llama]'``; ``device_map`` then defaults to ``"auto"``); other keyword
         arguments go to ``AutoModelForCausalLM.from_pretrained``. ``image_tokenizer``: a
         `seed.Tokenizer`, a config (name such as ``"seed2_tokenizer"``, YAML path or DictConfig)
-        or a `seed.Tokenizer.save_pretrained` folder / Hub id; loaded on first use.
+        or a `seed.Tokenizer.save_pretrained` folder / Hub id; loaded on first use (default
+        ``"seed2_tokenizer"``, for ``tiny`` the random ``"seed2_tiny"``).
         """
-        from transformers import AutoTokenizer
-
         if load_in_8bit and load_in_4bit:
             raise InputError("load_in_8bit and load_in_4bit exclude each other")
         quantized = load_in_8bit or load_in_4bit
@@ -373,12 +447,24 @@ class SeedLlama:
         if missing:
             what = "8-bit/4-bit loading" if quantized else f"device_map={device_map!r}"
             raise ImportError(f"{what} needs {' and '.join(missing)}: pip install 'seed[llama]'")
-        _check_source(llm_name, "llm")
+        tiny = isinstance(llm_name, str) and llm_name == "tiny"
+        if template is None:
+            template = "llama2" if "seed-llama-14b" in str(llm_name).lower() else "vicuna"
+        if image_tokenizer is None:
+            image_tokenizer = "seed2_tiny" if tiny else "seed2_tokenizer"
+        if not tiny:
+            _check_source(llm_name, "llm")
         if isinstance(tokenizer, (str, Path)) or tokenizer is None:
             source = tokenizer if tokenizer is not None else (
+                TINY_LLAMA_TOKENIZER if tiny else
                 SEED_LLAMA_TOKENIZER if str(llm_name).startswith("AILab-CVC/seed-llama") else llm_name)
             _check_source(source, "tokenizer")
-            tokenizer = AutoTokenizer.from_pretrained(str(source))
+            tokenizer = _load_tokenizer(source)
+        if tiny:
+            pipe = cls(lambda: tiny_llama(len(tokenizer)), tokenizer, image_tokenizer, template=template,
+                       system=system, constrain_images=constrain_images)
+            pipe.random_weights = True
+            return pipe
 
         def load_model() -> PreTrainedModel:
             from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -460,20 +546,33 @@ class SeedLlama:
         self._image_texts(convs)
         system = system if system is not None else self.system
         out = []
-        for conv, force in zip(convs, forces):
+        for i, (conv, force) in enumerate(zip(convs, forces)):
+            for role, parts in conv:
+                typed = [p for p in parts if isinstance(p, str) and _TYPED_IMAGE_TOKEN.search(p)]
+                if typed:
+                    logger.warning("conversation %d: %s text %r holds an image token: it is read as that token, "
+                                   "as the original does", i, role, _TYPED_IMAGE_TOKEN.search(typed[0]).group())
             msgs = [(r, "".join(p if isinstance(p, str) else llm.codes_to_text(p.codes)[0] for p in parts))
                     for r, parts in conv]
-            if system is not None and msgs[0][0] != "system":
+            msgs = [(r, c) for r, c in msgs if r != "system" or c]  # the original skips an empty system prompt
+            if system and msgs[0][0] != "system":
                 msgs.insert(0, ("system", system))
             out.append(render(msgs, template or self.template, self.tokenizer, force))
         return out
 
     def prompt_ids(self, conversations: Sequence[Conversation], **kwargs: Any) -> dict[str, torch.Tensor]:
-        """``input_ids`` and ``attention_mask``, int64 [B,L], left-padded: the prompts tokenized
-        with ``add_special_tokens=False`` as the original does. ``kwargs`` as `prompts`."""
-        enc = self.tokenizer(self.prompts(conversations, **kwargs), add_special_tokens=False, padding=True,
-                             padding_side="left", return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        """``input_ids`` and ``attention_mask``, int64 [B,L], left-padded with the pad id: each prompt
+        tokenized as the original stack does (`seed.llm.encode_text`: no BOS/EOS added, the
+        template holds them). ``kwargs`` as `prompts`."""
+        rows = [llm.encode_text(self.tokenizer, p) for p in self.prompts(conversations, **kwargs)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            if r:
+                ids[k, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                mask[k, width - len(r):] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     # ----------------------------------------------------------------------- generation
 
@@ -503,11 +602,20 @@ class SeedLlama:
 
         if isinstance(conversations, (str, Mapping)) or not isinstance(conversations, Sequence):
             raise InputError("generate takes a list of conversations; use chat() for one")
+        if conversations and all(_is_message(m) for m in conversations):
+            raise InputError("generate takes a list of conversations, and this is one conversation's messages: "
+                             "use chat(messages) or generate([messages])")
+        reserved = sorted(k for k in generation if k in _RESERVED)
+        if reserved:
+            raise InputError(f"generate makes {', '.join(reserved)} from the conversations itself: do not pass "
+                             "them (call pipe.model.generate for ids of your own)")
         if not conversations:
             return []
         forces = _per_row(force_image, len(conversations), "force_image")
         enc = self.prompt_ids(conversations, force_image=forces, template=template, system=system)
-        settings = {**DEFAULT_GENERATION, **generation}
+        # A prompt ending in <img> (forced, or a raw prompt "caption<img>") is answered by an image.
+        forces = [f or bool(row[-1] == self.image_ids.boi) for f, row in zip(forces, enc["input_ids"].tolist())]
+        settings = {"pad_token_id": self.tokenizer.pad_token_id, **DEFAULT_GENERATION, **generation}
         if not settings.get("do_sample"):
             for k in ("temperature", "top_p"):  # unused without sampling: keep generate from warning
                 if k not in generation:
@@ -519,16 +627,31 @@ class SeedLlama:
             max_length = int(generation["max_length"])
         else:
             max_length = length + int(settings["max_new_tokens"])
+        context = _context_length(model)
+        if context is not None:
+            longest = int(enc["attention_mask"].sum(dim=1).argmax())
+            if length >= context:
+                raise InputError(f"conversation {longest} is {length} tokens long; the LM reads at most {context} "
+                                 "(its config's max positions): shorten it or leave out old turns")
+            if max_length > context:
+                logger.warning("generating at most %d new tokens, not %d: the LM reads at most %d positions and the "
+                               "prompt takes %d", context - length, max_length - length, context, length)
+                settings.pop("max_length", None)
+                settings["max_new_tokens"] = context - length
+                max_length = context
         processors = LogitsProcessorList(logits_processor or [])
         constrain = self.constrain_images if constrain_images is None else constrain_images
         if constrain:
-            processors.append(ImageSpanConstraint(self.image_ids, max_length=max_length))
+            processors.append(ImageSpanConstraint(self.image_ids, max_length=max_length, prompt_length=length))
         device = model.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if seed is not None:
+        inputs = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+                  "logits_processor": processors}
+        if seed is None:  # unseeded: the global RNG draws (and moves on), so calls differ
+            out = model.generate(**inputs, **settings)
+        else:  # seeded: repeatable, and the global RNG is left as it was
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
-            out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                                 logits_processor=processors, pad_token_id=self.tokenizer.pad_token_id, **settings)
+                out = model.generate(**inputs, **settings)
         new = out[:, length:].cpu()
         eos = _eos_ids(model, self.tokenizer)
         per_prompt = new.shape[0] // len(forces)  # num_return_sequences: consecutive rows per conversation
@@ -537,10 +660,10 @@ class SeedLlama:
             ids = row.tolist()
             stop = next((k for k, t in enumerate(ids) if t in eos), len(ids))
             ids = ids[:stop]
-            parts, errors = parse_generated(([self.image_ids.boi] if force else []) + ids, self.image_ids,
-                                            self.tokenizer)
+            parts, errors, spaced = parse_generated(([self.image_ids.boi] if force else []) + ids, self.image_ids,
+                                                    self.tokenizer, with_spaced=True)
             replies.append(Reply(parts=parts, codes=[p for p in parts if isinstance(p, torch.Tensor)],
-                                 errors=errors, token_ids=torch.tensor(ids, dtype=torch.long)))
+                                 errors=errors, token_ids=torch.tensor(ids, dtype=torch.long), spaced=spaced))
         if decode_images:
             self._decode_into(replies, {**({"seed": seed} if seed is not None else {}), **(decode or {})})
         for r in replies:
@@ -565,6 +688,17 @@ def _per_row(value: bool | Sequence[bool], n: int, name: str) -> list[bool]:
     if len(value) != n:
         raise InputError(f"{name} has {len(value)} values for {n} conversations")
     return [bool(v) for v in value]
+
+
+def _context_length(model: PreTrainedModel) -> int | None:
+    """The most positions the LM reads (``max_position_embeddings``, GPT-2's ``n_positions``), or None."""
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

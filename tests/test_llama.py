@@ -33,6 +33,7 @@ from seed.llama import MalformedSpan, Reply, SeedLlama
 from seed.llm import add_image_tokens
 
 SEED2 = fixtures("seed2")
+TOKENIZATION = fixtures("seed_llama_tokenizer")
 CORPUS = ["USER: What is this animal? ASSISTANT: A cat sitting on a table.",
           "Can you generate an image of a dog on the green grass?",
           "[INST] Can you make the cat wear sunglasses? [/INST] Here it is.",
@@ -61,13 +62,7 @@ def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is ~20x faster than two when the CPUs are shared (OpenMP spin)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -96,37 +91,35 @@ def img_text(codes) -> str:
     return "<img>" + "".join("<img_{:05d}>".format(int(c)) for c in codes) + "</img>"
 
 
+def image_question_case(cases: dict, template: str) -> dict:
+    """The tokenization fixture's case of one user turn: an image, then a question."""
+    return next(c for c in cases["prompts"] if c["template"] == template and not c["force_image"]
+                and [m["role"] for m in c["conversation"]] == ["user"]
+                and [p["type"] for p in c["conversation"][0]["content"]] == ["image", "text"])
+
+
+@pytest.mark.parametrize("tokenization", TOKENIZATION, ids=[p.name for p in TOKENIZATION])
 @pytest.mark.parametrize("fixture", SEED2, ids=[p.name for p in SEED2])
 @pytest.mark.parametrize("template", ["vicuna", "llama2"])
-def test_prompt_ids_equal_the_original_template(llm_folder, fixture, template):
-    """Text + image turns tokenize exactly as the original scripts' strings (SEED2_SPEC "Codes <-> LLM text"),
-    with the codes the original tokenizer gave for each image (expected.pt), one row per conversation."""
+def test_prompt_ids_equal_the_original_template(tokenization, fixture, template):
+    """Photos -> the codes the original image tokenizer gave (expected.pt) -> the ids the original stack
+    gives the prompt: the tokenization fixture's ids for the same question, with these codes' ids in
+    place of its image's. One row per photo, left-padded in a batch."""
+    cases = json.loads((tokenization / "cases.json").read_text())
+    case = image_question_case(cases, template)
     expected = torch.load(fixture / "expected.pt", weights_only=True)
     paths = [fixture / "images" / name for name in expected["images"]]
-    tok = AutoTokenizer.from_pretrained(llm_folder)
-    pipe = SeedLlama.from_pretrained(llm_folder, image_tokenizer=seed2_tokenizer(fixture), template=template)
-    convs = [[paths[i], QUESTION] for i in range(len(paths))] + ["Can you generate an image of a dog?"]
-    enc = pipe.prompt_ids(convs)
-    for i, conv in enumerate(convs):
-        img = img_text(expected["codes"][i]) if i < len(paths) else ""
-        q = conv[-1] if isinstance(conv, list) else conv
-        if template == "vicuna":  # 8B: bos + "USER:" + " " + img_tokens + question + "\n" + "ASSISTANT:"
-            text = tok.bos_token + "USER:" + " " + img + q + "\n" + "ASSISTANT:"
-        else:  # 14B: bos + "[INST] " + img_tokens + question + " [/INST]" + "\n"
-            text = tok.bos_token + "[INST] " + img + q + " [/INST]" + "\n"
-        want = tok(text, add_special_tokens=False)["input_ids"]
-        got = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
-        assert got == want
-        assert enc["attention_mask"][i, :len(enc["attention_mask"][i]) - len(want)].sum() == 0  # left padding
-    forced = pipe.prompt_ids([convs[0]], force_image=True)["input_ids"][0].tolist()
-    assert forced == tok(text_for(tok, template, img_text(expected["codes"][0]) + QUESTION) + "<img>",
-                         add_special_tokens=False)["input_ids"]
-
-
-def text_for(tok, template: str, content: str) -> str:
-    if template == "vicuna":
-        return tok.bos_token + "USER:" + " " + content + "\n" + "ASSISTANT:"
-    return tok.bos_token + "[INST] " + content + " [/INST]" + "\n"
+    tok = AutoTokenizer.from_pretrained(tokenization / "tokenizer")
+    pipe = SeedLlama(tiny_llama(8), tok, seed2_tokenizer(fixture), template=template)
+    question = case["conversation"][0]["content"][1]["text"]
+    enc = pipe.prompt_ids([[p, question] for p in paths])
+    start = case["input_ids"].index(cases["ids"]["boi"]) + 1
+    for i, codes in enumerate(expected["codes"].tolist()):
+        want = case["input_ids"][:start] + [cases["ids"]["image_id_shift"] + c for c in codes] \
+            + case["input_ids"][start + 32:]
+        n = len(want)
+        assert enc["input_ids"][i, -n:].tolist() == want
+        assert enc["attention_mask"][i].tolist() == [0] * (enc["input_ids"].shape[1] - n) + [1] * n
 
 
 def test_multi_turn_and_chat_templates(pipe, llm_folder):
@@ -140,8 +133,12 @@ def test_multi_turn_and_chat_templates(pipe, llm_folder):
     assert pipe.prompts([conv], template="llama2")[0] == (
         "<s>[INST] Draw a dog. [/INST]\nHere: " + img_text(codes) + "\n[INST] " + img_text(codes)
         + "Make it red. [/INST]\n")
-    reply = Reply(parts=[" Here: ", codes, MalformedSpan("cut", [1]), " "], codes=[codes])
-    assert pipe.prompts([[conv[0], reply.as_message(), conv[2]]]) == pipe.prompts([conv])
+    reply = Reply(parts=["Here:", codes, MalformedSpan("cut", [1]), "!"], codes=[codes], spaced=frozenset({3}))
+    assert reply.as_message() == {"role": "assistant", "content": ["Here:", codes, " !"]}
+    assert reply.text == "Here:<image><image> !"
+    again = pipe.prompt_ids([[conv[0], reply.as_message(), conv[2]]])["input_ids"]
+    assert again.tolist() == pipe.prompt_ids([[conv[0], {"role": "assistant", "content": ["Here: ", codes, "!"]},
+                                               conv[2]]])["input_ids"].tolist()  # whitespace at images: stripped
     assert pipe.prompts(["hi"], system="Be brief.", template="llama2")[0] == (
         "<s><<SYS>>\nBe brief.\n<</SYS>>\n\n[INST] hi [/INST]\n")
 
@@ -404,3 +401,102 @@ def test_script_interactive_chat(llm_folder, tmp_path, monkeypatch, capsys):
     assert "What is this?" in md and "a red car" in md and "![generated image 1](image_01.png)" in md
     assert "ignored" not in md
     assert (out / "image_01.png").is_file() and "missing.png: no such file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- issue 16: defects 5-10 and details
+
+
+@pytest.fixture(scope="module")
+def tiny() -> SeedLlama:
+    """The tiny random SEED-LLaMA shipped with seed: a real SentencePiece tokenizer, nothing downloaded."""
+    return SeedLlama.from_pretrained("tiny")
+
+
+def test_unseeded_sampling_differs_and_a_seed_repeats(tiny):
+    """Defect 5: unseeded calls draw from the global RNG (and move it on); ``seed=`` repeats."""
+    settings = {"max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0, "decode_images": False}
+    free = [tiny.chat("Tell me a story.", **settings).token_ids.tolist() for _ in range(2)]
+    assert free[0] != free[1]
+    state = torch.get_rng_state()
+    seeded = [tiny.chat("Tell me a story.", seed=3, **settings).token_ids.tolist() for _ in range(2)]
+    assert seeded[0] == seeded[1] and torch.equal(torch.get_rng_state(), state)
+
+
+def test_typed_img_tag_never_gives_a_malformed_span(tiny, caplog):
+    """Defect 6: "<img>" typed in a question is read as the image token, as the original reads it
+    (the tokenization fixture's edge-literal-img-tag case), with a warning; the constraint only
+    counts spans the LM opens, so the answer is never the inside of a span."""
+    question = "What does the <img> tag do in HTML?"
+    ids = tiny.prompt_ids([question])["input_ids"][0].tolist()
+    assert ids.count(tiny.image_ids.boi) == 1
+    with caplog.at_level("WARNING", logger="seed.llama"):
+        replies = tiny.generate([question] * 3, seed=0, max_new_tokens=60, logits_processor=[Bias(tiny.image_ids.boi,
+                                                                                                    3.0)],
+                                decode_images=False)
+    assert "holds an image token" in caplog.text
+    code_ids = set(tiny.image_ids.codes.tolist())
+    for r in replies:
+        assert r.errors == [] and not any(isinstance(p, MalformedSpan) for p in r.parts)
+        gen = r.token_ids.tolist()
+        assert gen[0] not in code_ids and gen[0] != tiny.image_ids.eoi  # not answered from inside a span
+        assert all(len(s) == 32 for s in spans_of(gen, tiny.image_ids.boi, tiny.image_ids.eoi))
+
+
+def test_text_after_a_generated_image_keeps_its_space_and_feeds_back_the_same_ids(tiny):
+    """Defect 7: "<img>...</img> and a man" reads "<image> and a man"; as_message() gives the next
+    turn exactly the ids the LM generated for this answer."""
+    ids = tiny.image_ids
+    words = [tiny.tokenizer.convert_tokens_to_ids(p) for p in ("\u2581and", "\u2581a", "\u2581man")]
+    assert tiny.tokenizer.unk_token_id not in words
+    script = [ids.boi, *ids.codes[10:42].tolist(), ids.eoi, *words]
+    conv = [{"role": "user", "content": "Draw a cat."}]
+    start = tiny.prompt_ids([conv])["input_ids"].shape[1]
+    reply = tiny.chat(conv, do_sample=False, max_new_tokens=len(script) + 1, decode_images=False,
+                      logits_processor=[Script(start, script, tiny.tokenizer.eos_token_id)])
+    assert reply.token_ids.tolist() == script
+    assert reply.text == "<image> and a man" and reply.parts[1] == "and a man"
+    nxt = tiny.prompt_ids([conv + [reply.as_message(), {"role": "user", "content": "Thanks."}]])["input_ids"][0]
+    nxt = nxt.tolist()
+    assert any(nxt[k:k + len(script)] == script for k in range(len(nxt)))
+
+
+def test_conversation_longer_than_the_context_is_a_clear_error(tiny):
+    """Defect 8: RoPE LLaMA (max_position_embeddings) and GPT-2 (n_positions): a prompt that does not
+    fit is an InputError; the new tokens are cut to what fits (never past the positions)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    long = "word " * 2100
+    with pytest.raises(InputError, match=r"conversation 0 is \d+ tokens long; the LM reads at most 2048"):
+        tiny.chat(long, max_new_tokens=4)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny.tokenizer), n_positions=64, n_embd=16, n_layer=1,
+                                      n_head=2, bos_token_id=1, eos_token_id=2)).eval()
+    pipe = SeedLlama(gpt2, tiny.tokenizer, "seed2_tiny")
+    with pytest.raises(InputError, match="reads at most 64"):
+        pipe.chat("word " * 70, max_new_tokens=4)
+    prompt = "one two three four five six seven"
+    n = pipe.prompt_ids([prompt])["input_ids"].shape[1]
+    reply = pipe.chat(prompt, max_new_tokens=200, seed=0, constrain_images=False, decode_images=False,
+                      logits_processor=[Bias(tiny.tokenizer.eos_token_id, -1e9)])
+    assert len(reply.token_ids) == 64 - n
+
+
+def test_generate_wants_a_list_of_conversations_and_keeps_its_own_ids(tiny):
+    """Defects 9 and 10: one conversation's messages given to generate; pad_token_id / input_ids."""
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InputError, match="one conversation's messages: use chat"):
+        tiny.generate(messages)
+    assert len(tiny.generate([messages], max_new_tokens=2, decode_images=False)) == 1
+    reply = tiny.chat("hi", pad_token_id=tiny.tokenizer.eos_token_id, max_new_tokens=3, decode_images=False)
+    assert isinstance(reply.text, str)
+    with pytest.raises(InputError, match="makes input_ids from the conversations"):
+        tiny.chat("hi", input_ids=torch.tensor([[1, 2]]))
+
+
+def test_empty_system_is_no_system_and_14b_picks_llama2(tiny):
+    assert tiny.prompts(["hi"], system="") == tiny.prompts(["hi"]) == ["<s>USER: hi\nASSISTANT:"]
+    assert tiny.prompts([[{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]],
+                        template="llama2") == ["<s>[INST] hi [/INST]\n"]
+    for name, template in [("AILab-CVC/seed-llama-14b-sft", "llama2"), ("AILab-CVC/seed-llama-8b-sft", "vicuna")]:
+        pipe = SeedLlama.from_pretrained(name, tokenizer=tiny.tokenizer)  # the LM would load on first use only
+        assert pipe.template == template and pipe._model is None and not pipe.random_weights

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from seed import InputError
 from seed.llm import (
     BOI, EOI, IMAGE_ID_SHIFT, NUM_CODES, NUM_IMAGE_TOKENS, add_image_tokens, codes_to_text, codes_to_token_ids,
-    text_to_codes, token_ids_to_codes,
+    decode_text, encode_text, text_to_codes, token_ids_to_codes,
 )
 
 SEED2 = fixtures("seed2")
@@ -149,3 +149,57 @@ def test_ids_to_codes_malformed_span():
     with pytest.raises(InputError, match=r"image span 1 \(ids 35\.\.67\).*31 ids"):
         ids.ids_to_codes(good + [1] + short + good)
     assert len(ids.ids_to_codes(good + [1] + short + good, skip_invalid=True)) == 2
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A real (tiny) GPT-2-style tokenizer: byte-level BPE (spaces are part of the next token, ``Ġ``)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    model = HFTokenizerModel(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    model.train_from_iterator(["USER: what is this? ASSISTANT: a cat on a mat."] * 4,
+                              trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                  show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def test_encode_and_decode_text_without_sentencepiece_split_strip_and_encode_each_piece():
+    """A tokenizer without a SentencePiece model: the text is cut at every added/special token, the
+    whitespace next to image tokens stripped, each piece encoded by the tokenizer on its own; decoding
+    drops the special tokens and <img>/</img> and keeps code tokens as text."""
+    tok = byte_level_tokenizer()
+    ids = add_image_tokens(tok)
+    eos = tok.eos_token_id
+
+    def own(piece: str) -> list[int]:
+        return tok(piece, add_special_tokens=False)["input_ids"]
+
+    text = "<|endoftext|>USER: " + span([5] * 32) + "\n what is this?<|endoftext|> a cat"
+    assert encode_text(tok, text) == ([eos] + own("USER:") + [ids.boi] + [ids.codes[5].item()] * 32 + [ids.eoi]
+                                      + own("what is this?") + [eos] + own(" a cat"))
+    assert encode_text(tok, "") == [] and encode_text(tok, "  ") == own("  ")
+    assert decode_text(tok, [eos, *own(" a cat"), ids.boi, ids.eoi]) == " a cat"
+    assert decode_text(tok, own("a cat") + [ids.codes[7].item()]).replace(" ", "") == "acat<img_00007>"
+    with pytest.raises(InputError, match="outside the tokenizer's vocabulary"):
+        decode_text(tok, [len(tok)])
+    with pytest.raises(InputError, match="takes a str"):
+        encode_text(tok, ["a"])
+
+
+def test_decode_text_keeps_the_leading_space_on_request():
+    """SentencePiece / Metaspace drop the space a run's first ``▁word`` stands for; it can be kept."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    model = HFTokenizerModel(models.BPE(unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.train_from_iterator(["and a cat on a mat"] * 4, trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    words = tok.convert_tokens_to_ids(["\u2581and", "\u2581a", "\u2581cat"])
+    assert tok.unk_token_id not in words
+    assert decode_text(tok, words) == "and a cat"
+    assert decode_text(tok, words, keep_leading_space=True) == " and a cat"
+    assert decode_text(tok, words[1:] + words[:1], keep_leading_space=True) == " a cat and"

@@ -3,10 +3,20 @@
     python scripts/tokenize_dataset.py --config configs/seed_tokenizer.yaml --input IMAGES --output OUT
     torchrun --nproc_per_node 8 scripts/tokenize_dataset.py --config ... --input ... --output ...
 
-IMAGES is a folder (recursive, symlinked folders followed), a text file listing paths, or a .tar
-shard. The sorted ids are cut into chunks; rows go to OUT/codes/K.jsonl ({"image": id, "codes":
-[32 ints]}, or "text": the SEED-LLaMA form with --format text) and OUT/errors/K.jsonl ({"image": id,
-"error": message}); OUT/done/K.json marks a finished chunk. Rerun the same command to resume.
+IMAGES is a folder (recursive, symlinked folders followed), a text file listing paths, a .tar
+shard, or a .jsonl file of rows {"image": path, any other fields} (paths relative to its folder).
+The sorted ids are cut into chunks; rows go to OUT/codes/K.jsonl ({"image": id, "codes": [32
+ints]}, or "text": the SEED-LLaMA form with --format text, SEED-2 configs only) and
+OUT/errors/K.jsonl ({"image": id, "error": message}); OUT/done/K.json marks a finished chunk.
+Rerun the same command to resume.
+
+A .jsonl input keeps each row's other fields in its output row, so captions travel with codes:
+{"image": "cats/1.jpg", "caption": "a cat"} -> {"image": "cats/1.jpg", "caption": "a cat",
+"codes": [...]}. An image on several rows is tokenized for each; the n-th row's id is
+"path#n" from the second on. A line that is not a JSON object with an "image" path is an error
+row (id "file.jsonl:LINE"), as is a row with a field the output writes itself ("codes", "text").
+See docs/datasets.md.
+
 OUT/run.json records the model (config + weight hashes) and the input; a rerun with another model
 is refused unless --force-mismatch. One run at a time per OUT (OUT/.lock).
 
@@ -40,13 +50,15 @@ def int_at_least(low: int):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a config YAML, e.g. configs/seed_tokenizer.yaml")
-    parser.add_argument("--input", required=True, help="a folder of images, a text file listing paths, or a .tar shard")
+    parser.add_argument("--input", required=True,
+                        help="a folder of images, a text file listing paths, a .tar shard, or a .jsonl file of "
+                             '{"image": path, ...} rows whose other fields are kept')
     parser.add_argument("--output", required=True, help="output folder (run.json, codes/, errors/, done/)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=64)
     parser.add_argument("--num-workers", type=int_at_least(0), default=4, help="DataLoader processes decoding images")
     parser.add_argument("--format", choices=("codes", "text", "codes+text"), default="codes",
                         help="codes: 32 ints per image; text: the SEED-LLaMA string <img><img_00012>...</img> "
-                             "(seed.llm.codes_to_text); codes+text: both")
+                             "(seed.llm.codes_to_text; SEED-2 configs only); codes+text: both")
     parser.add_argument("--chunk-size", type=int_at_least(1), default=None,
                         help="images per output chunk (default: about 4 chunks per process, at most 10000); "
                              "fixed by the first run of an output folder")
@@ -121,8 +133,8 @@ def run(args: argparse.Namespace, rank: int, world_size: int) -> int:
         import torch.distributed as dist
 
         import seed
-        from seed.dataset import OutputError, Summary, discover, listing_hash, model_fingerprint, prepare_output, \
-            tokenize_items
+        from seed.dataset import OutputError, Summary, check_format, discover, listing_hash, model_fingerprint, \
+            prepare_output, tokenize_items
         from seed.device import default_dtype
 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -141,6 +153,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int) -> int:
         verdict: dict = {}
         try:
             cfg = seed.load_config(args.config, *args.overrides)
+            check_format(cfg.model, args.format)
             items = discover(args.input)
             if not items:
                 raise InputError(f"--input {args.input}: no images found")

@@ -1,7 +1,7 @@
 """Tokenizing a whole dataset: input listing, a fault-tolerant image Dataset, a locked, resumable output folder.
 
 Used by ``scripts/tokenize_dataset.py`` (and, for the listing, ``check_image.py`` and
-``eval_reconstruction.py``, so all three find the same files). The sorted image ids are cut into
+``evaluate.py``'s image folders, so all three find the same files). The sorted image ids are cut into
 chunks of ``chunk_size`` ids; chunk ``k`` goes to rank ``k % world_size``, whose rows go to
 ``OUT/codes/K.jsonl`` (bad inputs to ``OUT/errors/K.jsonl``), a batch at a time with flush +
 fsync; a finished chunk gets a marker ``OUT/done/K.json``. A rerun skips the chunks with a marker
@@ -52,13 +52,34 @@ FORMATS = ("codes", "text", "codes+text")
 (`seed.llm.codes_to_text`), or both."""
 
 
+def check_format(model_cfg: Any, fmt: str) -> None:
+    """`InputError` unless ``fmt`` is one of `FORMATS` and fits the model: the SEED-LLaMA text
+    forms (``text``, ``codes+text``) only for SEED-2 (``model.decoder.head: image``), whose codes
+    SEED-LLaMA reads; SEED-1's codes index another codebook and mean nothing to it."""
+    if fmt not in FORMATS:
+        raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    head = model_cfg.decoder.get("head", "reverse_qformer")
+    if fmt != "codes" and head != "image":
+        raise InputError(f"--format {fmt} writes SEED-LLaMA text, which holds SEED-2 codes; this is a SEED-1 "
+                         f"config (model.decoder.head: {head}), whose codes mean nothing to SEED-LLaMA. Use "
+                         f"--format codes, or a SEED-2 config such as configs/seed2_tokenizer.yaml")
+
+
+def output_fields(fmt: str) -> set[str]:
+    """The fields an output row of ``fmt`` holds besides ``image``."""
+    return {"codes+text": {"codes", "text"}, "text": {"text"}}.get(fmt, {"codes"})
+
+
 # --- listing -------------------------------------------------------------------------------------
 
 class Item(NamedTuple):
     """One image: a file (``source`` is the folder its ``id`` is relative to), or a member of an
     uncompressed tar (``source`` is the shard's path; the member's bytes are at ``offset``/``size``).
 
-    ``error`` is set for an input already known to be bad (an unreadable tar shard).
+    ``error`` is set for an input already known to be bad (an unreadable tar shard, a bad JSONL
+    row). ``fields``: the other fields of a JSONL input row, written into its output row.
+    ``file``: the image's path relative to ``source`` where it differs from ``id`` (an image on
+    several JSONL rows: ids ``a.jpg``, ``a.jpg#2``, ...).
     """
 
     id: str
@@ -66,11 +87,15 @@ class Item(NamedTuple):
     offset: int | None = None
     size: int | None = None
     error: str | None = None
+    fields: dict[str, Any] | None = None
+    file: str | None = None
 
     @property
     def path(self) -> str:
         """The file holding the image (the tar shard for a member)."""
-        return os.path.join(self.source, self.id) if self.offset is None and self.error is None else self.source
+        if self.offset is None and self.error is None:
+            return os.path.join(self.source, self.file or self.id)
+        return self.source
 
     @property
     def name(self) -> str:
@@ -119,20 +144,57 @@ def _walk(root: str) -> Iterator[tuple[str, str]]:
             yield prefix, name
 
 
+def _jsonl_items(src: str) -> list[Item]:
+    """The rows of a JSONL input: ``{"image": path, any other fields}`` per line (see `discover`)."""
+    base, name = os.path.dirname(src), os.path.basename(src)
+    items: list[Item] = []
+    times: dict[str, int] = {}
+    with open(src, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                row, why = None, f"not valid JSON ({e})"
+            else:
+                why = None if isinstance(row, dict) and isinstance(row.get("image"), str) and row["image"] else \
+                    'not a JSON object with an "image" path'
+            if why is not None:
+                items.append(Item(f"{name}:{n}", src, error=f"{src}, line {n}: {why}: {line.strip()[:80]!r}"))
+                continue
+            path = row.pop("image")
+            k = times[path] = times.get(path, 0) + 1
+            items.append(Item(path if k == 1 else f"{path}#{k}", base, fields=row or None,
+                              file=None if k == 1 else path))
+    return items
+
+
 def discover(src: str | os.PathLike) -> list[Item]:
     """All images of an input, sorted by id, each id once.
 
     ``src`` is a folder (searched recursively, symlinked sub-folders followed; image files by
     extension and ``.tar`` shards; ids are paths relative to it), a ``.tar`` shard (ids
-    ``shard.tar/member``), or a text file listing one path per line (files or ``.tar`` shards;
-    relative paths are relative to the list's folder; blank lines and ``#`` comments are skipped;
-    ids are the paths as written). A listed path that does not exist is kept: it fails later as an
-    error row. This is the one listing used by the dataset run, ``check_image.py`` and
-    ``eval_reconstruction.py``.
+    ``shard.tar/member``), a ``.jsonl`` file of rows ``{"image": path, any other fields}``, or a
+    text file listing one path per line (files or ``.tar`` shards; relative paths are relative to
+    the list's folder; blank lines and ``#`` comments are skipped; ids are the paths as written).
+
+    A JSONL row's id is its ``image`` path as written (relative to the file's folder); its other
+    fields (``fields``) go into its output row, so captions travel with codes. An image on
+    several rows is tokenized once per row, the n-th row's id being ``path#n`` from the second
+    on. A row that is not a JSON object with a string ``image`` becomes an error item with id
+    ``file.jsonl:LINE``. A listed path that does not exist is kept: it fails later as an error
+    row. This is the one listing used by the dataset run, ``check_image.py`` and ``evaluate.py``
+    (image folders, tars and lists: `seed.evaluation.data.load_images`).
     """
     src = os.fspath(src)
     items: list[Item] = []
-    if os.path.isdir(src):
+    if os.path.isfile(src) and src.lower().endswith(".jsonl"):
+        try:
+            items = _jsonl_items(src)
+        except UnicodeDecodeError:
+            raise InputError(f"{src}: a .jsonl input must be UTF-8 text") from None
+    elif os.path.isdir(src):
         for prefix, name in _walk(src):
             if is_image_name(name):
                 items.append(Item(prefix + name, src))
@@ -164,10 +226,14 @@ def discover(src: str | os.PathLike) -> list[Item]:
 
 
 def listing_hash(items: Sequence[Item]) -> str:
-    """sha256 of the sorted ids (what a rerun must find again for the chunks to line up)."""
+    """sha256 of the sorted ids, and of the fields of JSONL rows (what a rerun must find again for
+    the chunks, and the rows written, to line up)."""
+    def key(it: Item) -> str:
+        return it.id if it.fields is None else f"{it.id}\t{json.dumps(it.fields, sort_keys=True)}"
+
     h = hashlib.sha256()
     for start in range(0, len(items), 65536):
-        h.update("\n".join(it.id for it in items[start:start + 65536]).encode("utf-8", "surrogateescape") + b"\n")
+        h.update("\n".join(map(key, items[start:start + 65536])).encode("utf-8", "surrogateescape") + b"\n")
     return h.hexdigest()
 
 
@@ -684,16 +750,17 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
 
     ``tok``: a `seed.Tokenizer`. Chunk ``k`` (items ``k*chunk_size`` on) belongs to rank
     ``k % world_size``; its rows go to ``codes/K.jsonl`` (``{"image": id, "codes": [32 ints]}``,
-    or ``"text"`` with ``fmt="text"``, both with ``"codes+text"``) and ``errors/K.jsonl``
-    (``{"image": id, "error": message}``), and ``done/K.json`` marks it finished. Rows already
+    or ``"text"`` with ``fmt="text"``, both with ``"codes+text"``; a JSONL input row's other
+    fields come after ``image``) and ``errors/K.jsonl`` (``{"image": id, "error": message}``; a
+    row whose fields would be overwritten by the output's goes there too), and ``done/K.json``
+    marks it finished. ``fmt`` must fit the model (`check_format`). Rows already
     in the folder are skipped. The folder must have been prepared (`prepare_output`) under
     `OutputLock`. A KeyboardInterrupt stops between writes: every line on disk is complete.
     """
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    if fmt not in FORMATS:
-        raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    check_format(tok.cfg.model, fmt)
     to_text = None
     if fmt != "codes":
         from .llm import codes_to_text as to_text
@@ -703,7 +770,11 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
     summary = Summary(skipped=skipped)
     if skipped:
         logger.info("rank %d: %d images already in %s, skipped", rank, skipped, out)
-    todo = [it for c in plan for it in c.todo]
+    own = output_fields(fmt)
+    todo = [it if not (it.fields and own & it.fields.keys()) else it._replace(error=(
+        f"{it.id}: its field(s) {', '.join(sorted(own & it.fields.keys()))} would be overwritten by the "
+        f"output's own (--format {fmt}); rename them in the input")) for c in plan for it in c.todo]
+    fields = {it.id: it.fields for it in todo if it.fields and it.error is None}
     chunks = {c.k: c for c in plan}
     remaining = {c.k: len(c.todo) for c in plan}
     num_workers = min(num_workers, -(-len(todo) // batch_size))  # no idle workers for a small share
@@ -722,7 +793,7 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
                 texts = to_text(codes) if to_text is not None else None
                 codes = codes.tolist()
                 for n, (image_id, k) in enumerate(zip(batch["ids"], batch["chunks"])):
-                    row: dict[str, Any] = {"image": image_id}
+                    row: dict[str, Any] = {"image": image_id, **fields.get(image_id, {})}
                     if fmt != "text":
                         row["codes"] = codes[n]
                     if texts is not None:

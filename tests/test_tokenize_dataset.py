@@ -368,8 +368,6 @@ def test_another_model_or_input_is_refused_unless_forced(single_run, photo_dir, 
     shutil.copy(PHOTOS[0], bigger / "new.png")
     rc, _, err = run(bigger, out)
     assert rc == 2 and "the input changed" in err, err
-    rc, _, err = run(photo_dir, out, "--format", "text")
-    assert rc == 2 and "--format codes" in err, err
     assert snapshot(out) == before
 
     rc, printed, _ = run(photo_dir, out, "--force-mismatch", overrides=overrides)
@@ -495,11 +493,82 @@ def test_seed2_text_form_is_the_originals(fixture, tmp_path):
     got = rows(tmp_path / "text", "codes")
     assert all(set(r) == {"image", "text"} for r in got)
     assert as_dict(got, "text") == dict(zip(want["images"], want["llm_text"]))
+    rc, _, err = run(fixture / "images", tmp_path / "text", "--format", "codes", config=config, overrides=overrides)
+    assert rc == 2 and "its rows are --format text, this run asks for --format codes" in err, err
     rc, _, err = run(fixture / "images", tmp_path / "both", "--format", "codes+text", config=config,
                      overrides=overrides)
     got = rows(tmp_path / "both", "codes")
     assert as_dict(got, "codes") == dict(zip(want["images"], want["codes"].tolist()))
     assert as_dict(got, "text") == dict(zip(want["images"], want["llm_text"]))
+
+
+def test_text_format_is_refused_for_a_seed1_config(photo_dir, parity_tok, tmp_path):
+    """SEED-LLaMA strings of SEED-1 codes mean nothing to SEED-LLaMA: refused before the model loads."""
+    with mock.patch.object(seed.Tokenizer, "from_config", side_effect=AssertionError("the model loaded")):
+        for fmt in ("text", "codes+text"):
+            rc, _, err = run(photo_dir, tmp_path / "out", "--format", fmt)
+            assert rc == 2 and f"error: --format {fmt} writes SEED-LLaMA text" in err and "SEED-1 config" in err, err
+    assert not (tmp_path / "out" / "run.json").exists()
+    with pytest.raises(seed.InputError, match="SEED-1 config"):  # the library call too
+        seed.dataset.tokenize_items(parity_tok, discover(PHOTOS[0].parent), tmp_path / "lib", 4, fmt="text")
+    assert not (tmp_path / "lib").exists()
+
+
+def test_jsonl_rows_keep_their_fields_resume_and_report_bad_rows(photo_dir, expected, tmp_path):
+    """A JSONL of {"image", caption, any other fields}: each row's fields travel with its codes; an
+    image on two rows gets both; bad rows are error rows; chunked, torn and resumed like any input."""
+    a, b = sorted(i for i in expected if "/" not in i and i.endswith(".png"))[:2]
+    c = next(i for i in sorted(expected) if i.startswith("crops/"))
+    (tmp_path / "imgs").mkdir()
+    for name, src in (("a.png", a), ("b.png", b), ("c" + Path(c).suffix, c)):
+        os.symlink(photo_dir / src, tmp_path / "imgs" / name)
+    c_name = "imgs/c" + Path(c).suffix
+    lines_in = [
+        {"image": "imgs/a.png", "caption": "a cat", "meta": {"source": "coco", "id": 7}},
+        {"image": "imgs/b.png", "caption": "東京の写真", "tags": ["x", "y"]},
+        {"image": "imgs/a.png", "caption": "another caption of the same image"},
+        "",  # blank: skipped
+        "{not json",
+        {"caption": "no image"},
+        [1, 2],
+        {"image": c_name},
+        {"image": "imgs/missing.png", "caption": "gone"},
+        {"image": c_name, "codes": [1, 2]},  # would be overwritten by the output's codes
+        {"image": "imgs/b.png", "text": "a field named text is kept with --format codes"},
+    ]
+    listing = tmp_path / "rows.jsonl"
+    listing.write_text("\n".join(x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in lines_in)
+                       + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    rc, printed, err = run(listing, out, "--chunk-size", "3")
+    assert rc == 1 and "done 5, skipped 0 " in printed and "failed 5 " in printed, err
+    want = {
+        "imgs/a.png": {"image": "imgs/a.png", "caption": "a cat", "meta": {"source": "coco", "id": 7},
+                       "codes": expected[a]},
+        "imgs/a.png#2": {"image": "imgs/a.png#2", "caption": "another caption of the same image", "codes": expected[a]},
+        "imgs/b.png": {"image": "imgs/b.png", "caption": "東京の写真", "tags": ["x", "y"], "codes": expected[b]},
+        "imgs/b.png#2": {"image": "imgs/b.png#2", "text": "a field named text is kept with --format codes",
+                         "codes": expected[b]},
+        c_name: {"image": c_name, "codes": expected[c]},
+    }
+    got = rows(out, "codes")
+    assert {r["image"]: r for r in got} == want and len(got) == len(want)
+    assert all(list(r)[0] == "image" and list(r)[-1] == "codes" for r in got)
+    errors = as_dict(rows(out, "errors"), "error")
+    assert set(errors) == {"rows.jsonl:5", "rows.jsonl:6", "rows.jsonl:7", "imgs/missing.png", c_name + "#2"}
+    assert "line 5: not valid JSON" in errors["rows.jsonl:5"]
+    assert 'not a JSON object with an "image" path' in errors["rows.jsonl:6"]
+    assert 'line 7: not a JSON object with an "image" path' in errors["rows.jsonl:7"]
+    assert "no such file" in errors["imgs/missing.png"] and "codes would be overwritten" in errors[c_name + "#2"]
+
+    redo = tear(out, 0, 1)  # a crash mid-chunk 0: one row kept, the next torn
+    rc, printed, _ = run(listing, out)
+    assert counts(printed)[0] == redo == 2
+    assert {r["image"]: r for r in rows(out, "codes")} == want
+
+    listing.write_text(listing.read_text(encoding="utf-8").replace("a cat", "a dog"), encoding="utf-8")
+    rc, _, err = run(listing, out)
+    assert rc == 2 and "the input changed" in err, err  # an edited caption would leave stale rows
 
 
 def test_scripts_help_imports_nothing_heavy():
@@ -515,7 +584,7 @@ for name in sys.argv[1:]:
     heavy = [m for m in ("torch", "transformers", "diffusers", "timm") if m in sys.modules]
     print(name, round(time.perf_counter() - t, 2), heavy, file=sys.stderr)
 """
-    scripts = [f"scripts/{s}.py" for s in ("tokenize_dataset", "check_image", "eval_reconstruction", "benchmark")]
+    scripts = [f"scripts/{s}.py" for s in ("tokenize_dataset", "check_image", "seed_llama", "benchmark")]
     r = subprocess.run([sys.executable, "-c", code, *scripts], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     report = r.stderr.splitlines()
@@ -525,8 +594,11 @@ for name in sys.argv[1:]:
         assert heavy == "[]" and float(seconds) < 3, line
 
 
-def test_eval_reconstruction_lists_what_a_run_lists(tiny_clip, tmp_path, capsys):
-    """eval_reconstruction.py on a nested folder with a symlinked sub-folder scores the images a run finds."""
+def test_evaluation_lists_what_a_run_lists(tmp_path):
+    """evaluate.py's image inputs (seed.evaluation.data) on a nested folder with a symlinked
+    sub-folder: the images a run finds, by the same ids."""
+    from seed.evaluation.data import load_examples
+
     images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
     (images / "nested").mkdir(parents=True)
     elsewhere.mkdir()
@@ -534,16 +606,8 @@ def test_eval_reconstruction_lists_what_a_run_lists(tiny_clip, tmp_path, capsys)
     Image.open(PHOTOS[1]).convert("RGB").resize((64, 48)).save(elsewhere / "b.jpg")
     os.symlink(elsewhere, images / "linked")
     (images / "notes.txt").write_text("ignored\n")
-    out = tmp_path / "out"
-    rc = _load_script("eval_reconstruction").main([
-        "--config", str(TINY), "--images", str(images), "--clip", str(tiny_clip), "--out", str(out),
-        "--device", "cpu", "diffusion.steps=1", "diffusion.num_samples=1", "diffusion.height=32",
-        "diffusion.width=32"])
-    capsys.readouterr()
-    assert rc == 0
-    scored = [row.split(",")[0] for row in (out / "scores.csv").read_text().splitlines()[1:-1]]
-    assert scored == [it.id for it in discover(images)] == ["linked/b.jpg", "nested/a.png"]
-    assert (out / "linked__b_jpg_recon0.png").is_file()
+    listed = [e.id for e in load_examples(images).examples]
+    assert listed == [it.id for it in discover(images)] == ["linked/b.jpg", "nested/a.png"]
 
 
 def test_benchmark_resume_runs(tmp_path):

@@ -10,6 +10,15 @@ Overrides ``key=value`` follow the flags (``train.max_steps=1000 train.save_ever
 nodes: the same command under ``torchrun --nnodes N --node-rank R --master-addr HOST ...``.
 Checkpoints go to OUTPUT/checkpoints/step_XXXXXXXX/, per-step metrics to OUTPUT/metrics.jsonl,
 and at the end of stage 2 a `seed.Tokenizer.from_pretrained` folder to OUTPUT/export/.
+
+--resume and --export-from use the checkpoint's saved config: an override that changes what
+shapes the model or the data (init.*, model.*, data.train, ...) is refused, naming the key; only
+train.max_steps, save_every, keep_last, log_every, tensorboard, progress, output_dir and
+data.num_workers may change. See docs/training.md.
+
+Exit status: 0 done; 2 could not start or go on (bad argument, config, data, checkpoint, output
+folder); 3 the loss (or the weights) became NaN/inf: stopped before the bad update, the last good
+checkpoint kept, nothing exported; 130 interrupted (resume with --resume).
 """
 
 from __future__ import annotations
@@ -37,30 +46,25 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("train_tokenizer")
 
-    import seed
-    from seed.training.config import load_train_config
+    from seed.training.run import run_script
 
-    try:
+    def body() -> int:
+        from seed.training.config import load_train_config
+
         cfg = load_train_config(args.config, *args.overrides)
         if args.export_from:
             from seed.training.loop import export_checkpoint
 
             out = args.export_to or os.path.join(cfg.train.output_dir, "export")
-            log.info("exported %s", export_checkpoint(cfg, args.export_from, out))
+            log.info("exported %s", export_checkpoint(cfg, args.export_from, out, overrides=args.overrides))
             return 0
         from seed.training.loop import train
 
-        summary = train(cfg, resume=args.resume)
-    except (seed.InputError, seed.CheckpointError) as e:
-        log.error("%s", e)
-        return 2
-    finally:
-        import torch.distributed as dist
+        summary = train(cfg, resume=args.resume, overrides=args.overrides)
+        log.info("done: step %d, outputs in %s", summary["step"], summary["output_dir"])
+        return 0
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    log.info("done: step %d, outputs in %s", summary["step"], summary["output_dir"])
-    return 0
+    return run_script(body, log)
 
 
 if __name__ == "__main__":

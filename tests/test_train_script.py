@@ -3,8 +3,11 @@ bit-for-bit resume, the stage-2 export, and the stage-1 gather (1 process == 2 p
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import logging
+import math
 import os
 import random
 import shutil
@@ -17,14 +20,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import seed
 from conftest import PHOTOS, ROOT
 from seed.training.config import load_train_config
-from seed.training.loop import (CodebookUsage, checkpoints, read_checkpoint, restart_dead_codes, rng_state, set_rng_state,
-                                write_checkpoint)
+from seed.training.loop import CodebookUsage, restart_dead_codes
 from seed.training.optim import linear_warmup_cosine_lr
+from seed.training.run import checkpoints, read_checkpoint
 
 SCRIPT = ROOT / "scripts" / "train_tokenizer.py"
 STAGE1 = ROOT / "configs" / "train" / "seed1_stage1_tiny.yaml"
@@ -195,14 +199,30 @@ def test_stage1_one_process_equals_two_processes(data, tmp_path):
     assert two["loss_itc"] == pytest.approx(one["loss_itc"], rel=1e-5)
 
 
-def _train_in_process(cfg):
+def _train_in_process(cfg, **kwargs):
     from seed.training.loop import train
 
     states = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        train(cfg)
-    random.setstate(states[0])
-    np.random.set_state(states[1])
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return train(cfg, **kwargs)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+
+
+def script(*args) -> int:
+    """scripts/train_tokenizer.py's main in this process (no torchrun start): its exit status."""
+    spec = importlib.util.spec_from_file_location("train_tokenizer_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return module.main([str(a) for a in args])
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
@@ -235,34 +255,112 @@ def test_seed2_objective_trains_and_exports(tmp_path):
     assert tok.embed(tok.encode(PHOTOS)).shape == (3, 20)
 
 
+# --- runs that survive: the checkpoint's config, non-finite losses, torn metrics, bad folders ----
+
+QFORMER = ROOT / "tests" / "data" / "parity" / "training" / "training-tiny" / "causal_qformer_stage1.pth"
+OTHER_QFORMER = QFORMER.with_name("blip2_pretrained.pth")
+
+
+@pytest.fixture(scope="module")
+def qformer_run(tmp_path_factory):
+    """The tiny stage 2 started from a stage-1 file (the README's init.qformer=...), in this
+    process: 3 steps, checkpoints at 2 and 3, and its export."""
+    out = tmp_path_factory.mktemp("qformer_run")
+    _train_in_process(load_train_config(STAGE2, f"init.qformer={QFORMER}", f"train.output_dir={out}",
+                                        "train.max_steps=3", "train.save_every=2", "train.progress=false",
+                                        "data.batch_size=1"))
+    return out
+
+
+def killed_copy(run, dest, step=2):
+    """``dest`` as a run killed after its step-``step`` checkpoint (later metric lines kept)."""
+    name = f"step_{step:08d}"
+    shutil.copytree(run / "checkpoints" / name, dest / "checkpoints" / name)
+    shutil.copy(run / "metrics.jsonl", dest / "metrics.jsonl")
+    return dest
+
+
+def same_weights(a, b) -> bool:
+    a, b = load_file(a), load_file(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def without_speed(rows):
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+
+
+def test_export_from_builds_the_frozen_parts_from_the_checkpoints_config(qformer_run, tmp_path, caplog):
+    """--export-from with the plain config (no init.qformer): the same tokenizer as the run's own
+    export; with another init.qformer on the command line: refused, naming the key, nothing written."""
+    ckpt = qformer_run / "checkpoints" / "step_00000003"
+    assert script("--config", STAGE2, "--export-from", ckpt, "--export-to", tmp_path / "again") == 0
+    assert same_weights(qformer_run / "export" / "model.safetensors", tmp_path / "again" / "model.safetensors")
+    caplog.clear()
+    code = script("--config", STAGE2, "--export-from", ckpt, "--export-to", tmp_path / "other",
+                  f"init.qformer={OTHER_QFORMER}")
+    assert code == 2 and "init.qformer (checkpoint:" in caplog.text and not (tmp_path / "other").exists()
+
+
+def test_resume_without_the_init_overrides_continues_the_same_run(qformer_run, tmp_path, caplog):
+    """A resume that leaves out init.qformer=... (and data.batch_size=1) trains on with the
+    checkpoint's stage-1 weights and batch, as the uninterrupted run, and keeps OUTPUT/config.yaml's
+    init.qformer; giving another init.qformer is refused, naming the key."""
+    out = killed_copy(qformer_run, tmp_path)
+    given = [f"train.output_dir={out}", "train.progress=false"]
+    with pytest.raises(seed.InputError, match=r"init\.qformer \(checkpoint: '.*causal_qformer_stage1.pth', given"):
+        _train_in_process(load_train_config(STAGE2, *given, f"init.qformer={OTHER_QFORMER}"), resume=True,
+                          overrides=[*given, f"init.qformer={OTHER_QFORMER}"])
+    with caplog.at_level(logging.WARNING):
+        _train_in_process(load_train_config(STAGE2, *given), resume=True, overrides=given)
+    assert "init.qformer (config file: None, checkpoint:" in caplog.text
+    assert same_weights(qformer_run / "checkpoints" / "step_00000003" / "model.safetensors",
+                        out / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert without_speed(metrics(out)) == without_speed(metrics(qformer_run))
+    assert OmegaConf.load(out / "config.yaml").init.qformer == str(QFORMER)
+
+
+def test_a_torn_metrics_line_does_not_break_resume(qformer_run, tmp_path):
+    """A crash (or a full disk) mid-line leaves a torn last line in metrics.jsonl: --resume drops it."""
+    out = killed_copy(qformer_run, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lr": 0.001, "lo')
+    args = ["--config", STAGE2, "--resume", f"train.output_dir={out}", "train.progress=false"]
+    assert script(*args) == 0
+    assert without_speed(metrics(out)) == without_speed(metrics(qformer_run))
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, caplog):
+    """lr 1e12 (the loss turns NaN): exit status 3 with a clear error, no NaN checkpoint or export,
+    and keep_last=1 does not delete the last good checkpoint."""
+    code = script("--config", STAGE2, f"train.output_dir={tmp_path}", "train.max_steps=8", "train.save_every=1",
+                  "train.keep_last=1", "train.init_lr=1e12", "data.batch_size=1", "train.progress=false")
+    assert code == 3 and "non-finite" in caplog.text, caplog.text[-2000:]
+    assert "The last good checkpoint is" in caplog.text
+    [good] = checkpoints(tmp_path)
+    tensors, state = read_checkpoint(good)
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    assert not (tmp_path / "export").exists()
+    rows = metrics(tmp_path)
+    assert rows and all(r["loss"] is not None and math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["step"] < 8 and state["step"] <= rows[-1]["step"]
+
+
+def test_an_output_folder_that_cannot_be_made_fails_before_the_model_is_built(tmp_path, caplog):
+    from seed.training.loop import train
+
+    (tmp_path / "file").write_text("a file where the output folder's parent should be")
+    cfg = load_train_config(STAGE2, f"train.output_dir={tmp_path / 'file' / 'out'}")
+
+    def build_model(cfg):
+        raise AssertionError("the model was built before the output folder was checked")
+
+    with pytest.raises(seed.InputError, match=r"train.output_dir .*file/out: cannot create or write"):
+        train(cfg, build_model=build_model)
+    assert script("--config", STAGE2, f"train.output_dir={tmp_path / 'file' / 'out'}") == 2
+    assert "train.output_dir" in caplog.text
+
+
 # --- pieces of the loop -------------------------------------------------------------------------
-
-def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    np.random.standard_normal()  # a cached gaussian in numpy's state
-    torch.save(rng_state(torch.device("cpu")), tmp_path / "rng.pt")
-    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
-    random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
-    got = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
-    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
-
-
-def test_checkpoint_write_is_atomic(tmp_path):
-    folder = tmp_path / "checkpoints" / "step_00000002"
-    state = {"step": 2, "position": {"epoch": 0, "index": 1}}
-    write_checkpoint(folder, {"w": torch.ones(2)}, state, "a: 1\n")
-    # a crash while writing step 4 leaves only a hidden temporary folder, never a step_ folder
-    (tmp_path / "checkpoints" / ".step_00000004.tmp").mkdir()
-    assert [p.name for p in checkpoints(tmp_path)] == ["step_00000002"]
-    write_checkpoint(folder, {"w": torch.zeros(2)}, {**state, "step": 3}, "a: 2\n")  # replaces in place
-    tensors, st = read_checkpoint(folder)
-    assert torch.equal(tensors["w"], torch.zeros(2)) and st["step"] == 3
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".step_00000004.tmp", "step_00000002"]
-    (folder / "state.pt").unlink()
-    with pytest.raises(seed.CheckpointError, match="state.pt: missing"):
-        read_checkpoint(folder)
-
 
 def test_codebook_usage_over_a_window():
     usage = CodebookUsage(size=4, window=2)
@@ -284,15 +382,6 @@ def test_dead_codes_move_onto_encoder_outputs():
     assert restart_dead_codes(codebook, dead, candidates, torch.Generator().manual_seed(0)) == 2
     assert all(row in candidates.tolist() for row in codebook[dead].tolist())
     assert codebook[~dead].abs().sum() == 0
-
-
-def test_a_fresh_run_refuses_an_output_folder_with_checkpoints(tmp_path):
-    from seed.training.loop import train
-
-    write_checkpoint(tmp_path / "checkpoints" / "step_00000005", {"w": torch.ones(1)}, {"step": 5}, "")
-    cfg = load_train_config(STAGE2, f"train.output_dir={tmp_path}")
-    with pytest.raises(seed.InputError, match="--resume"):
-        train(cfg)
 
 
 def test_tensorboard_without_the_package_says_how_to_install(tmp_path):

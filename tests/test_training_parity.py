@@ -215,8 +215,8 @@ def test_frozen_parts(stage2):
     assert trained == {"quantizer", "decoder", "recon"}
 
 
-def test_stage2_dropout_is_active_in_the_frozen_qformer():
-    fixture = FIXTURES[0]
+@pytest.mark.parametrize("fixture", FIXTURES, ids=ids)
+def test_stage2_dropout_is_active_in_the_frozen_qformer(fixture):
     cfg = train_cfg(fixture, 2)
     cfg.dropout = 0.1
     model = build_model(cfg)
@@ -229,15 +229,19 @@ def test_stage2_dropout_is_active_in_the_frozen_qformer():
         assert torch.equal(model.qformer(model.vision(pixels)), model.qformer(model.vision(pixels)))
 
 
-def test_stage2_starts_from_our_stage1_and_exports_a_tokenizer(stage1, stage2, tmp_path):
-    """Stage 2 takes our own stage-1 weights; the export loads with Tokenizer.from_pretrained and
-    gives the training model's codes and generation embeddings."""
-    s1 = stage1[0]
-    fixture = FIXTURES[0]
+@pytest.mark.parametrize("fixture", FIXTURES, ids=ids)
+def test_stage2_starts_from_our_stage1_and_exports_a_tokenizer(fixture, tmp_path):
+    """Stage 2 takes our own stage-1 weights (our stage-1 model built from the fixture's BLIP-2 file,
+    saved as our checkpoints save it) to the same Q-Former as the original's stage-1 file; the export
+    loads with Tokenizer.from_pretrained and gives the training model's codes and generation
+    embeddings. One fixture folder at a time."""
     from safetensors.torch import save_file
+
+    s1 = build_model(train_cfg(fixture, 1))
+    original = build_model(train_cfg(fixture, 2))  # from the original's causal_qformer_stage1.pth
     save_file({k: v.contiguous() for k, v in s1.trainable_state_dict().items()}, tmp_path / "stage1.safetensors")
     model = build_model(train_cfg(fixture, 2, qformer=str(tmp_path / "stage1.safetensors")))
-    for k, v in stage2[0].qformer.state_dict().items():  # same stage-1 start as the original's file
+    for k, v in original.qformer.state_dict().items():  # same stage-1 start as the original's file
         assert torch.equal(model.qformer.state_dict()[k], v), k
 
     folder = model.export(tmp_path / "export")
@@ -252,14 +256,16 @@ def test_stage2_starts_from_our_stage1_and_exports_a_tokenizer(stage1, stage2, t
     assert (tok.causal_embeddings(batch["pixel_values"]) - out["causal_embeds"]).abs().max() < 1e-5
 
 
-def test_constructor_init_as_the_original(tmp_path):
+@pytest.mark.parametrize("fixture", FIXTURES, ids=ids)
+def test_constructor_init_as_the_original(fixture, tmp_path):
     """With no stage-2 file: the original's constructor init, the same from the same init.seed,
     and (init.bert_model) BERT's weights where the original's init_Qformer puts them."""
     from transformers import BertConfig, BertModel
 
-    fixture = FIXTURES[0]
+    dims = json.loads((fixture / "spec.json").read_text())["dims"]
+    reverse_layers = dims["reverse_qformer"]["layers"]
     bert_cfg = BertConfig.from_json_file(fixture / "qformer_bert_config.json")
-    bert_cfg.num_hidden_layers = 4
+    bert_cfg.num_hidden_layers = max(reverse_layers, dims["qformer"]["layers"])
     torch.manual_seed(3)
     BertModel(bert_cfg, add_pooling_layer=False).save_pretrained(tmp_path / "bert")
     bert = BertModel.from_pretrained(tmp_path / "bert").state_dict()
@@ -271,7 +277,7 @@ def test_constructor_init_as_the_original(tmp_path):
     limit = 1 / a.quantizer.codebook.num_embeddings
     assert a.quantizer.codebook.weight.abs().max() <= limit
     rq = a.decoder.qformer
-    for i in range(4):
+    for i in range(reverse_layers):
         assert torch.equal(rq.encoder.layer[i].attention.attention.query.weight,
                            bert[f"encoder.layer.{i}.attention.self.query.weight"])
         assert torch.equal(rq.encoder.layer[i].attention.output.LayerNorm.weight,

@@ -84,17 +84,43 @@ class DataConfig:
 
 
 @dataclass
-class TrainSection:
-    """Optimiser, schedule, precision, checkpoints and logging (spec sections 4 and 5)."""
+class RunSection:
+    """The run settings every trainer's ``train:`` section has (it subclasses this; see
+    `seed.training.run`, which also exports it)."""
+
+    output_dir: str = "outputs/train"
+    """Checkpoints go to OUTPUT/checkpoints/, metrics to OUTPUT/metrics.jsonl."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (null: the trainer's default length)."""
+    seed: int = 42
+    """Seeds data order and augmentation and, + rank, every RNG (dropout...)."""
+    save_every: int = 5000
+    """Write a checkpoint every this many steps (and at the end)."""
+    keep_last: int = 0
+    """Keep only the newest this many checkpoints; 0: keep all."""
+    log_every: int = 50
+    """Log a line (losses, lr, throughput) every this many steps; metrics.jsonl gets every step."""
+    tensorboard: bool = False
+    """Also write TensorBoard logs to OUTPUT/tensorboard (``pip install seed[train]``)."""
+    progress: bool = True
+    """A tqdm bar on rank 0."""
+
+
+@dataclass
+class TrainSection(RunSection):
+    """Optimiser, schedule, precision (spec sections 4 and 5) and the run settings of
+    `seed.training.run.RunSection` (output folder, length, checkpoints, logging)."""
 
     output_dir: str = "outputs/train"
     """Checkpoints go to OUTPUT/checkpoints/, the stage-2 export to OUTPUT/export/."""
-    max_epoch: int = 10
-    """Cosine schedule length in "epochs" of ``iters_per_epoch`` iterations."""
-    iters_per_epoch: int = 5000
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps; null: max_epoch x iters_per_epoch. The schedule
     does not shrink with it (as the original, a shorter run is a run stopped early)."""
+    seed: int = 42
+    """Seeds data order and augmentation (the same for every world size) and, + rank, dropout."""
+    max_epoch: int = 10
+    """Cosine schedule length in "epochs" of ``iters_per_epoch`` iterations."""
+    iters_per_epoch: int = 5000
     init_lr: float = 3e-5
     min_lr: float = 3e-6
     warmup_lr: float = 3e-7
@@ -108,25 +134,13 @@ class TrainSection:
     """Micro-steps per optimizer step."""
     grad_clip: Optional[float] = None
     """Clip the global gradient L2 norm to this; null: no clipping (the original)."""
-    seed: int = 42
-    """Seeds data order and augmentation (the same for every world size) and, + rank, dropout."""
-    save_every: int = 5000
-    """Write a checkpoint every this many steps (and at the end)."""
-    keep_last: int = 0
-    """Keep only the newest this many checkpoints; 0: keep all."""
-    log_every: int = 50
-    """Log losses, lr, throughput (and codebook usage) every this many steps."""
     usage_window: int = 100
     """Stage 2: codebook usage is measured over the last this many steps."""
     dead_code_restart: bool = False
     """Stage 2: every ``usage_window`` steps, move codes unused in the window onto random
     encoder outputs of the current batch. Off by default (the original has no restart)."""
-    tensorboard: bool = False
-    """Also write TensorBoard logs to OUTPUT/tensorboard (``pip install seed[train]``)."""
     find_unused_parameters: bool = False
     """Passed to DistributedDataParallel."""
-    progress: bool = True
-    """A tqdm bar on rank 0."""
 
 
 @dataclass
@@ -169,18 +183,30 @@ def load_train_config(path: str | Path, *overrides: str) -> DictConfig:
         (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
         (cfg.train.iters_per_epoch >= 1, "train.iters_per_epoch", "must be >= 1"),
         (cfg.train.max_epoch >= 1, "train.max_epoch", "must be >= 1"),
-        (cfg.train.max_steps is None or cfg.train.max_steps >= 0, "train.max_steps", "must be >= 0"),
-        (cfg.train.save_every >= 1, "train.save_every", "must be >= 1"),
-        (cfg.train.log_every >= 1, "train.log_every", "must be >= 1"),
         (cfg.train.usage_window >= 1, "train.usage_window", "must be >= 1"),
-        (cfg.train.keep_last >= 0, "train.keep_last", "must be >= 0"),
         (len(cfg.train.betas) == 2, "train.betas", "must be two numbers"),
         (cfg.train.grad_clip is None or cfg.train.grad_clip > 0, "train.grad_clip", "must be > 0 or null"),
     ]
+    _raise_first(cfg, where, checks)
+    check_run_section(cfg, where)
+    return cfg
+
+
+def check_run_section(cfg: DictConfig, where: str = "config") -> None:
+    """Range checks of the `RunSection` keys under ``train:`` (`seed.InputError` naming the key)."""
+    t = cfg.train
+    _raise_first(cfg, where, [
+        (t.max_steps is None or t.max_steps >= 0, "train.max_steps", "must be >= 0"),
+        (t.save_every >= 1, "train.save_every", "must be >= 1"),
+        (t.log_every >= 1, "train.log_every", "must be >= 1"),
+        (t.keep_last >= 0, "train.keep_last", "must be >= 0"),
+    ])
+
+
+def _raise_first(cfg: DictConfig, where: str, checks: list[tuple[bool, str, str]]) -> None:
     for ok, key, why in checks:
         if not ok:
             raise InputError(f"{where}: bad value for '{key}' ({OmegaConf.select(cfg, key)!r}): {why}")
-    return cfg
 
 
 def max_steps(cfg: DictConfig) -> int:

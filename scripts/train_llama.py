@@ -1,0 +1,53 @@
+"""Train SEED-LLaMA (any HF causal LM on SEED-2 image codes): pretraining or instruction tuning, LoRA.
+
+    python scripts/train_llama.py --config configs/train/llama_pretrain_tiny.yaml
+    torchrun --nproc-per-node 8 scripts/train_llama.py --config configs/train/llama_pretrain.yaml \\
+        model.base=pretrained/vicuna-7b-v1.1 data.train=codes/ train.output_dir=runs/pretrain
+    ... --resume                       # continue from the newest checkpoint in OUTPUT/checkpoints
+
+Overrides ``key=value`` follow the flags (``train.max_steps=1000 train.save_every=500 train.seed=0``).
+Many nodes: the same command under ``torchrun --nnodes N --node-rank R --master-addr HOST ...``.
+Checkpoints go to OUTPUT/checkpoints/step_XXXXXXXX/, per-step metrics to OUTPUT/metrics.jsonl, and
+at the end the merged model + tokenizer (and the LoRA adapter in adapter/) to OUTPUT/export/, which
+``seed.SeedLlama.from_pretrained(OUTPUT/export, image_tokenizer=...)`` loads. Exit status: 0 done,
+2 bad input/config/checkpoint, 3 non-finite loss (the last good checkpoint is kept), 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a training config, e.g. configs/train/llama_sft.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_args(argv)
+
+    import logging  # heavy imports only after parsing, so --help is fast
+
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log = logging.getLogger("train_llama")
+
+    from seed.training.run import run_script
+
+    def body() -> int:
+        from seed.training.llm.config import load_llama_train_config
+        from seed.training.llm.train import train
+
+        cfg = load_llama_train_config(args.config, *args.overrides)
+        summary = train(cfg, resume=args.resume, overrides=args.overrides)
+        log.info("done: step %d, outputs in %s%s", summary["step"], summary["output_dir"],
+                 f", export in {summary['export']}" if summary.get("export") else "")
+        return 0
+
+    return run_script(body, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

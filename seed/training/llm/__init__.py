@@ -1,0 +1,1 @@
+"""Training SEED-LLaMA: sample formatting, data, LoRA model, the recipe."""

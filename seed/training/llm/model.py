@@ -1,0 +1,250 @@
+"""The SEED-LLaMA training model: an HF causal LM with the image tokens, LoRA or full fine-tuning.
+
+What the original does (``src/model/peft_model.py``, spec section 1), step by step:
+
+1. `load_base`: any Hugging Face causal LM (LLaMA/Vicuna by default), in the dtype asked for.
+2. `resize_for_tokens`: ``resize_token_embeddings(len(tokenizer))`` with the new rows of the
+   embedding and of ``lm_head`` drawn from N(0, ``initializer_range``) (transformers 4.30's
+   init; current transformers default to mean-resizing, which we turn off), or copied from a
+   file (`load_init`, the parity fixture's recorded rows).
+3. `apply_lora`: ``peft`` LoRA (r 16, alpha 32, dropout 0.05 on the 7 projections) with
+   ``embed_tokens``, ``lm_head`` and every RMSNorm trained in full (``modules_to_save``), or
+   nothing (full fine-tuning: every parameter trains).
+4. `merge`: ``merge_and_unload`` (``W + alpha/r * B A``, the trained copies replace the
+   originals), as ``merge_lora_weights.py``; `export` writes the merged model (safetensors), the
+   tokenizer with the image tokens, and the adapter alone (peft format).
+
+Parameter names are peft's (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``);
+`trainable_named_parameters` lists what trains, without peft's unused ``original_module`` copies
+(peft 0.4.0, the original's, also marked those trainable; they never get a gradient).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ...errors import CheckpointError, InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj")
+"""The original's LoRA targets: every attention and MLP projection."""
+MODULES_TO_SAVE = ("embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm", "norm")
+"""Trained in full next to LoRA (peft matches by name suffix, so ``norm`` catches every RMSNorm)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """``peft.LoraConfig`` values; the defaults are the original's (``configs/model/vicuna_7b_lora.yaml``)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    modules_to_save: list[str] = field(default_factory=lambda: list(MODULES_TO_SAVE))
+
+
+def load_base(path: str | os.PathLike, dtype: str = "float32") -> PreTrainedModel:
+    """An HF causal LM from a folder (or a hub name, when the cache or network has it), weights in ``dtype``.
+
+    ``use_cache`` is turned off (training). Raises `CheckpointError` when it cannot be loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise InputError(f"model dtype {dtype!r}: must be one of {sorted(DTYPES)}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    except Exception as e:  # transformers raises OSError/ValueError/... with its own messages
+        raise CheckpointError(f"{path}: cannot load a causal LM ({type(e).__name__}: {e})") from None
+    model.config.use_cache = False
+    return model
+
+
+def tiny_base(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: int = 64,
+              seed: int = 0) -> PreTrainedModel:
+    """A tiny random LLaMA (fp32), the same on every call with the same arguments (tests, tiny recipes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=intermediate,
+                         max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).float()
+
+
+def resize_for_tokens(model: PreTrainedModel, vocab_size: int) -> PreTrainedModel:
+    """Resize the input embedding and ``lm_head`` to ``vocab_size`` rows, as transformers 4.30.2.
+
+    The new rows of both are N(0, ``config.initializer_range``) draws from the global torch RNG
+    (not mean-resized); the old rows are kept; no ``padding_idx``. A model already that large is
+    left as it is (an SFT start from a merged pretraining model); a smaller target is an `InputError`.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size == old:
+        return model
+    if vocab_size < old:
+        raise InputError(f"the tokenizer has {vocab_size} tokens but the model already has {old} embedding rows")
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            weight[old:].normal_(0.0, std)
+    model.get_input_embeddings().padding_idx = None
+    return model
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> nn.Module:
+    """Wrap ``model`` in a ``peft`` LoRA model (``bias="none"``, task CAUSAL_LM, peft's init:
+    A kaiming-uniform, B zero); the ``modules_to_save`` are trained in full."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                        task_type="CAUSAL_LM", target_modules=list(lora.target_modules),
+                        modules_to_save=list(lora.modules_to_save) or None)
+    return get_peft_model(model, config)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of what trains, in ``named_parameters`` order, without peft's unused
+    ``original_module`` copies."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and ".original_module." not in n]
+
+
+def freeze_originals(model: nn.Module) -> None:
+    """Turn ``requires_grad`` off on peft's ``original_module`` copies (never used in the forward)."""
+    for n, p in model.named_parameters():
+        if ".original_module." in n:
+            p.requires_grad_(False)
+
+
+def load_init(model: nn.Module, path: str | os.PathLike, old_vocab: int) -> None:
+    """Copy recorded initial values into a resized LoRA model: ``embed_tokens_new_rows`` and
+    ``lm_head_new_rows`` [V_new - old_vocab, D] (rows ``old_vocab..``) and every
+    ``...lora_A.default.weight`` by its peft name (the parity fixture's ``init.safetensors``).
+
+    The embedding/lm_head rows go into the base weights and into peft's trained copies. Raises
+    `CheckpointError` for a missing LoRA name or a wrong shape.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, suffix in (("embed_tokens_new_rows", "embed_tokens"), ("lm_head_new_rows", "lm_head")):
+            if key not in tensors:
+                continue
+            rows = tensors.pop(key)
+            hits = [p for n, p in params.items()
+                    if (n.endswith(f"{suffix}.weight") or n.endswith(f"{suffix}.modules_to_save.default.weight")
+                        or n.endswith(f"{suffix}.original_module.weight"))]
+            if not hits:
+                raise CheckpointError(f"{path}: {key}: the model has no {suffix}")
+            for p in hits:
+                if p.shape[0] != old_vocab + rows.shape[0] or p.shape[1] != rows.shape[1]:
+                    raise CheckpointError(f"{path}: {key} {tuple(rows.shape)} does not fit {suffix} "
+                                          f"{tuple(p.shape)} from row {old_vocab}")
+                p[old_vocab:] = rows.to(p.dtype)
+        for name, value in tensors.items():
+            if name not in params:
+                raise CheckpointError(f"{path}: {name}: no such parameter in the model")
+            if params[name].shape != value.shape:
+                raise CheckpointError(f"{path}: {name}: shape {tuple(value.shape)}, the model's is "
+                                      f"{tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
+def build_model(base: str | os.PathLike | PreTrainedModel, vocab_size: int, *, lora: LoraSettings | None,
+                dtype: str = "float32", gradient_checkpointing: bool = False,
+                init: str | os.PathLike | None = None) -> nn.Module:
+    """The training model: ``base`` (a folder, hub name or model) resized to ``vocab_size`` tokens,
+    LoRA per ``lora`` (None: full fine-tuning), trainable parameters in fp32 (the frozen base stays
+    in ``dtype``), ``init``: recorded new rows + lora_A (`load_init`) instead of fresh draws.
+    """
+    model = load_base(base, dtype) if isinstance(base, (str, os.PathLike)) else base
+    model.config.use_cache = False
+    old_vocab = model.get_input_embeddings().weight.shape[0]
+    resize_for_tokens(model, vocab_size)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        model = apply_lora(model, lora)
+        freeze_originals(model)
+    else:
+        model.requires_grad_(True)
+    if init is not None:
+        load_init(model, init, old_vocab)
+    for _, p in trainable_named_parameters(model):
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The original's loss: the model's own shifted cross-entropy, token mean over ``labels != -100``.
+
+    ``input_ids``/``labels`` int64 [B, T]. No attention mask is passed: as the original (causal
+    attention only), which with right padding gives the same loss (pads come after every real
+    token and carry label -100) and lets attention use its causal fast path.
+    """
+    return model(input_ids=input_ids, labels=labels, use_cache=False).loss
+
+
+def merge(model: nn.Module) -> PreTrainedModel:
+    """A plain HF model: LoRA merged (``W + alpha/r * B A``), peft's trained copies in place of the
+    originals (``merge_and_unload``); a model without LoRA is returned as it is."""
+    return model.merge_and_unload() if is_peft(model) else model
+
+
+def export(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: str | os.PathLike,
+           dtype: str | None = None, in_place: bool = False) -> Path:
+    """Write ``out/`` = the merged model (``model.safetensors``, ``config.json``) + the tokenizer
+    (with its image tokens) + ``out/adapter/`` (the peft adapter alone, when ``model`` has LoRA).
+
+    ``dtype``: cast the merged weights (e.g. ``bfloat16``); None: as trained. ``in_place``: merge
+    into ``model`` itself (no second copy in memory; ``model`` is then spent), else into a copy.
+    """
+    import copy
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        model.save_pretrained(str(out / "adapter"), safe_serialization=True)
+    merged = merge(model if in_place else copy.deepcopy(model))
+    if dtype is not None:
+        merged = merged.to(DTYPES[dtype])
+    merged.config.use_cache = True
+    merged.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def peft040_name(name: str) -> str:
+    """A current peft parameter name -> the name peft 0.4.0 (the original's) gave it: LoRA-wrapped
+    layers keep their own weight as ``<module>.base_layer.weight`` now, ``<module>.weight`` then;
+    LoRA (``lora_A.default.weight``) and ``modules_to_save`` names are unchanged."""
+    return name.replace(".base_layer.", ".")
+
+
+def count_parameters(model: nn.Module) -> dict[str, Any]:
+    """``{"trainable": n, "total": n}`` (unique parameters; peft's unused originals counted as frozen)."""
+    trainable = sum(p.numel() for _, p in trainable_named_parameters(model))
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}

@@ -1,0 +1,331 @@
+"""The SEED-LLaMA training recipe: model + data + the original's step, on the shared run machinery.
+
+``train(cfg, resume=...)`` (``scripts/train_llama.py``) does, on every rank of a torchrun job (or
+one process):
+
+1. `seed.training.run.Run`: process group, output folder, the resumed checkpoint and its config.
+2. The tokenizer with the image tokens (`load_tokenizer`) and the model (`build`): the base LM
+   resized to the tokenizer, LoRA or full fine-tuning (`seed.training.llm.model`), built from
+   ``train.seed`` so that every rank starts from the same weights; a resumed run then loads the
+   checkpoint's trainable tensors.
+3. The original's optimizer and schedule (`seed.training.llm.optim`): old HF AdamW on every
+   trainable tensor, warmup + cosine to ``min_lr_ratio``, clip, lr 0 on the first step.
+4. The data (`seed.training.llm.data.LlmData`): one source per global micro-batch, each rank its
+   share; resumed from the checkpoint's position.
+5. The step: ``grad_accum`` micro-batches, each loss the token mean of its GLOBAL micro-batch
+   (sum over all ranks' learned tokens / their count: the same number for 1 process x 2B and
+   2 processes x B), divided by ``grad_accum``; clip; step; schedule. A non-finite loss stops the
+   run before the update (exit status 3), keeping the last good checkpoint.
+6. ``OUT/metrics.jsonl`` per step (``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``,
+   ``padding``, ``sources``; on checkpoint steps ``data``: the per-source counts of rows, samples,
+   dropped and bad rows); checkpoints ``OUT/checkpoints/step_XXXXXXXX/`` (trainable tensors by
+   name + optimizer, scheduler, data position, every rank's RNG states); at the end ``OUT/export/``
+   (`seed.training.llm.model.export`).
+
+Parallelism: ``train.parallel=ddp`` wraps the model in DistributedDataParallel; ``fsdp`` shards
+parameters, gradients and optimizer state with FSDP2 (``fully_shard`` per decoder layer) for
+7B-14B models. Both run on gloo (CPU) and NCCL (GPUs) and write the same checkpoint contents
+(whole trainable tensors; the optimizer state keyed by index for ddp, by name for fsdp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from ...errors import CheckpointError, InputError
+from ..run import Run, unwrap
+from . import model as M
+from . import optim as O
+from .config import LlamaTrainConfig, check_llama_train_config
+
+logger = logging.getLogger(__name__)
+
+
+# --- tokenizer and model -------------------------------------------------------------------------
+
+def load_tokenizer(mcfg: DictConfig) -> Any:
+    """The HF tokenizer of ``model.tokenizer`` (null: the base's; ``tiny``: seed's tiny
+    SentencePiece tokenizer) with the image tokens (added when missing); pad = unk, as the original."""
+    from ... import llm
+    from ...llama import TINY_LLAMA_TOKENIZER, _load_tokenizer
+
+    source = mcfg.tokenizer or (TINY_LLAMA_TOKENIZER if mcfg.base == "tiny" else mcfg.base)
+    try:
+        tokenizer = _load_tokenizer(source)
+    except ImportError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"model.tokenizer {source}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
+    llm.add_image_tokens(tokenizer)
+    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def build(cfg: DictConfig, tokenizer: Any) -> torch.nn.Module:
+    """The training model of ``cfg.model`` for ``tokenizer``, its random draws (new embedding
+    rows, LoRA A) from ``train.seed`` (every rank the same; the global RNG is left as it was)."""
+    m = cfg.model
+    lora = None if m.lora is None else M.LoraSettings(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                                                      target_modules=list(m.lora.target_modules),
+                                                      modules_to_save=list(m.lora.modules_to_save))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        if m.base == "tiny":
+            t = m.tiny
+            base = M.tiny_base(tokenizer.vocab_size, hidden=t.hidden, layers=t.layers, heads=t.heads,
+                               intermediate=t.intermediate, seed=t.seed).to(M.DTYPES[m.dtype])
+        else:
+            base = m.base
+        return M.build_model(base, len(tokenizer), lora=lora, dtype=m.dtype,
+                             gradient_checkpointing=m.gradient_checkpointing, init=m.init)
+
+
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy a checkpoint's trainable tensors into ``model`` (names and shapes must match)."""
+    params = dict(M.trainable_named_parameters(model))
+    missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or extra:
+        raise CheckpointError(f"{where}: its tensors do not fit this model (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise CheckpointError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, "
+                                      f"the model's is {tuple(p.shape)}")
+            p.copy_(tensors[name])
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+def autocast_dtype(device: torch.device, precision: str, base_dtype: str) -> torch.dtype | None:
+    """The autocast dtype of the forward: ``train.precision`` on CUDA (bf16/fp16; fp32: none); on
+    the CPU none, unless the frozen base is stored in bf16/fp16 (then that, so that it meets the
+    fp32 trainable weights)."""
+    if device.type == "cuda" and precision != "fp32":
+        return torch.float16 if precision == "fp16" else torch.bfloat16
+    return None if base_dtype == "float32" else M.DTYPES[base_dtype]
+
+
+def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def micro_step(model: torch.nn.Module, batch: dict, *, world: int, scale: float, device: torch.device,
+               amp: torch.dtype | None = None, scaler: Any = None) -> tuple[float, int]:
+    """Forward + backward of one micro-batch (this rank's share of a global micro-batch).
+
+    The loss is the token mean over the GLOBAL micro-batch's learned tokens (labels != -100 after
+    the shift), times ``world`` (DDP averages gradients over ranks) and ``scale`` (1/grad_accum).
+    Returns (the global micro-batch's token-mean loss, its learned-token count). A micro-batch
+    without a learned token contributes nothing (the original's token mean would be NaN)."""
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    n_local = (labels[:, 1:] != -100).sum()
+    n_global = _all_sum(n_local.detach().to(torch.float64), world)
+    count = int(n_global.item())
+    with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        out = model(input_ids=ids, labels=labels, use_cache=False,
+                    num_items_in_batch=torch.tensor(float(max(count, 1)), device=device))
+    loss = out.loss * world * scale
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    reported = _all_sum(out.loss.detach().double(), world)
+    return float(reported.item()), count
+
+
+def _trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in M.trainable_named_parameters(unwrap(model))}
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def build_data(cfg: DictConfig, tokenizer: Any, rank: int, world: int, state: dict | None):
+    """`seed.training.llm.data.LlmData` over ``cfg.data`` for this rank, at ``state`` (None: the start)."""
+    from .data import LlmData
+
+    data = LlmData.from_config(cfg.data, tokenizer, seed=cfg.train.seed, rank=rank, world_size=world)
+    if state is not None:
+        data.load_state_dict(state)
+    return data
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def train(cfg: DictConfig, resume: bool = False, overrides: list[str] | None = None) -> dict:
+    """Train per ``cfg`` (`seed.training.llm.config.LlamaTrainConfig`); returns ``step``,
+    ``output_dir``, ``export`` (or None) and the last step's metrics."""
+    run = Run(cfg, resume=resume, overrides=overrides, schema=LlamaTrainConfig)
+    try:
+        return _train(run)
+    finally:
+        run.close()
+
+
+def _train(run: Run) -> dict:
+    cfg, d = run.cfg, run.dist
+    check_llama_train_config(cfg, "the run's config")
+    t = cfg.train
+    if cfg.data.train is None and not cfg.data.sources:
+        raise InputError("no training data: pass data.train=FILE_OR_FOLDER or list data.sources")
+    tokenizer = load_tokenizer(cfg.model)
+    model = build(cfg, tokenizer)
+    if run.resumed:
+        load_trainable(model, run.tensors, str(run.checkpoint))
+    model.to(d.device)
+    model.train()
+    net = _wrap(model, t.parallel, d) if d.world_size > 1 else model
+    fsdp = t.parallel == "fsdp" and d.world_size > 1
+    named = M.trainable_named_parameters(net if fsdp else model)
+    groups = O.param_groups(named, t.weight_decay, dict(model.named_modules()))
+    optimizer = O.HFAdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    scheduler = O.make_scheduler(optimizer, max_steps=t.max_steps, warmup_ratio=t.warmup_ratio,
+                                 min_lr_ratio=t.min_lr_ratio)
+    scaler = torch.amp.GradScaler("cuda") if d.device.type == "cuda" and t.precision == "fp16" else None
+    if run.resumed:
+        _load_optimizer_state(net, optimizer, run.state["optimizer"], fsdp)
+        scheduler.load_state_dict(run.state["scheduler"])
+        if scaler is not None and run.state.get("scaler"):
+            scaler.load_state_dict(run.state["scaler"])
+    amp = autocast_dtype(d.device, t.precision, cfg.model.dtype)
+    counts = M.count_parameters(model)
+    logger.info("model %s: %d trainable of %d parameters (%s)", cfg.model.base, counts["trainable"], counts["total"],
+                "LoRA" if cfg.model.lora is not None else "full fine-tuning")
+    data = build_data(cfg, tokenizer, d.rank, d.world_size, run.state.get("data") if run.resumed else None)
+
+    def save(at: int) -> None:
+        state = {"optimizer": _optimizer_state(net, optimizer, fsdp), "scheduler": scheduler.state_dict(),
+                 "data": data.state_dict()}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        run.save(at, _full_trainable(net, fsdp), state)
+
+    run.begin(t.max_steps)
+    params = [p for _, p in named]
+    step, last = run.start_step, {}
+    while step < t.max_steps:
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        losses, tokens, real, slots, sources = [], 0, 0, 0, Counter()
+        for micro in range(t.grad_accum):
+            batch = next(data, None)
+            if batch is None:
+                break
+            sync = micro == t.grad_accum - 1 or not hasattr(net, "no_sync")
+            with contextlib.nullcontext() if sync else net.no_sync():
+                loss, n = micro_step(net, batch, world=d.world_size, scale=1.0 / t.grad_accum, device=d.device,
+                                     amp=amp, scaler=scaler)
+            losses.append(loss)
+            tokens += n
+            mask = batch["attention_mask"]
+            real += int(_all_sum(mask.sum().to(torch.float64), d.world_size).item())
+            slots += int(mask.numel()) * d.world_size
+            src = batch.get("source") or ["train"]
+            sources[src[0] if isinstance(src, list) else str(src)] += 1
+        if len(losses) < t.grad_accum:
+            logger.warning("step %d: every data source has run out of its cycle passes; stopping", step + 1)
+            break
+        loss = sum(losses) / len(losses)
+        run.check_finite(step + 1, {"loss": loss})
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = O.clip_grad_norm(params, t.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": real,
+                "learned_tokens": tokens, "tokens_per_s": real / dt if dt > 0 else 0.0,
+                "padding": 1.0 - real / slots if slots else 0.0, "sources": dict(sources)}
+        if run.save_due(step):
+            last["data"] = data.counts()  # rows read, samples, dropped, bad rows, batches, passes per source
+        run.log(last)
+        if run.save_due(step):
+            save(step)
+    if step > run.start_step and not run.save_due(step):  # stopped early: the data ran out
+        save(step)
+    export = None
+    gathered = _full_trainable(net, fsdp) if t.export and fsdp else None  # collective
+    if t.export and d.main:
+        export, tmp = run.out_dir / "export", run.out_dir / ".export.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fsdp:  # a whole copy on the CPU from the gathered tensors
+            model = build(cfg, tokenizer)
+            load_trainable(model, gathered, "the trained FSDP model")
+        M.export(unwrap(net) if not fsdp else model, tokenizer, tmp, dtype=t.export_dtype or cfg.model.dtype,
+                 in_place=True)
+        _copy_sentencepiece(tokenizer, tmp)
+        shutil.rmtree(export, ignore_errors=True)
+        tmp.rename(export)
+        logger.info("exported %s", export)
+    d.barrier()
+    return {"step": step, "output_dir": str(run.out_dir), "export": str(export) if export else None, **last}
+
+
+def _copy_sentencepiece(tokenizer: Any, out: Path) -> None:
+    """Put the SentencePiece model next to the saved tokenizer: `seed.llm.encode_text` needs it for the
+    original's ids (transformers 5 saves only tokenizer.json)."""
+    vocab = getattr(tokenizer, "vocab_file", None)
+    if vocab and Path(vocab).is_file() and not (out / "tokenizer.model").exists():
+        shutil.copy(vocab, out / "tokenizer.model")
+
+
+# --- parallelism ---------------------------------------------------------------------------------
+
+def _wrap(model: torch.nn.Module, parallel: str, d) -> torch.nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` on every decoder layer, then on the whole model: parameters,
+    gradients and optimizer state sharded across ranks; gloo on the CPU, NCCL on GPUs)."""
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if M.is_peft(model) else model
+    for layer in base.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+    """The optimizer's state dict (FSDP: whole tensors gathered to the CPU, keyed by parameter name)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(net, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def _full_trainable(net: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The trainable tensors by name, whole (FSDP: gathered on every rank, collective)."""
+    if fsdp:
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                for n, p in M.trainable_named_parameters(net)}
+    return _trainable_tensors(net)

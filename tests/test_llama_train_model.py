@@ -1,0 +1,245 @@
+"""SEED-LLaMA training model parity: the original LoRA model, optimizer, schedule and merge.
+
+One test id per fixture folder under ``tests/data/parity/llama_train/`` (made by running the
+original MultiModalLLM code, transformers 4.30.2 + peft 0.4.0; see its README). Dimensions,
+learning rate and schedule come from the folder's ``spec.json``; expected values from its
+``expected_model.json``. Norms are compared in float64 (the fixture's), tolerances are the README's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from seed.training.llm import model as M
+from seed.training.llm import optim as O
+
+ROOT = Path(__file__).parent / "data" / "parity" / "llama_train"
+FOLDERS = sorted(p for p in ROOT.iterdir() if (p / "expected_model.json").is_file()) if ROOT.is_dir() else []
+ORIGINALS = ".original_module."
+
+
+def norm(t: torch.Tensor) -> float:
+    return t.detach().double().norm().item()
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+class Fixture:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.spec = json.loads((folder / "spec.json").read_text())
+        self.exp = json.loads((folder / "expected_model.json").read_text())
+        batch = self.exp["batch"]
+        self.ids, self.labels = torch.tensor(batch["input_ids"]), torch.tensor(batch["labels"])
+
+    def model(self) -> torch.nn.Module:
+        used = self.exp["lora_config_used"]
+        lora = M.LoraSettings(r=used["r"], alpha=used["lora_alpha"], dropout=used["lora_dropout"],
+                              target_modules=used["target_modules"], modules_to_save=used["modules_to_save"])
+        return M.build_model(self.folder / "model", self.spec["dims"]["vocab_after_resize"], lora=lora,
+                             init=self.folder / "init.safetensors", gradient_checkpointing=True)
+
+    def optimizer(self, model: torch.nn.Module, cls=O.HFAdamW):
+        group = self.exp["optimizer"]["groups"][0]
+        groups = O.param_groups(M.trainable_named_parameters(model), group["weight_decay"], dict(model.named_modules()))
+        kw = dict(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"])
+        opt = cls([{k: g[k] for k in ("params", "weight_decay")} for g in groups], **kw) if cls is not O.HFAdamW \
+            else O.HFAdamW(groups, **kw)
+        a = self.spec["args"]
+        return groups, opt, O.make_scheduler(opt, max_steps=a["steps"], warmup_ratio=a["warmup_ratio"],
+                                             min_lr_ratio=a["min_lr_ratio"])
+
+    def train(self, model, opt, sched) -> list[dict]:
+        """The original's loop on the fixed batch: loss, backward, clip 1.0, step, schedule, zero."""
+        out = []
+        params = [p for _, p in M.trainable_named_parameters(model)]
+        for _ in self.exp["trajectory"]:
+            lr = opt.param_groups[0]["lr"]
+            loss = M.lm_loss(model, self.ids, self.labels)
+            loss.backward()
+            gn = O.clip_grad_norm(params, 1.0)
+            opt.step()
+            sched.step()
+            model.zero_grad(set_to_none=True)
+            out.append({"lr": lr, "loss": loss.item(), "grad_norm_before_clip": gn})
+        return out
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
+
+
+@pytest.fixture(scope="module", params=FOLDERS, ids=[p.name for p in FOLDERS])
+def fx(request) -> Fixture:
+    return Fixture(request.param)
+
+
+@pytest.fixture(scope="module")
+def trained(fx: Fixture):
+    """(model after step-0 backward: its grads; the same model after the trajectory; trajectory)."""
+    model = fx.model()
+    model.train()
+    loss = M.lm_loss(model, fx.ids, fx.labels)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in M.trainable_named_parameters(model)}
+    model.zero_grad(set_to_none=True)
+    _, opt, sched = fx.optimizer(model)
+    traj = fx.train(model, opt, sched)
+    return {"loss0": loss.item(), "grads": grads, "model": model, "trajectory": traj, "opt": opt}
+
+
+def test_fixture_present():
+    assert FOLDERS, f"no fixture under {ROOT}"
+
+
+def test_trainable_parameters_and_groups(fx: Fixture):
+    model = fx.model()
+    ours = [n for n, _ in M.trainable_named_parameters(model)]
+    theirs = [n for n in fx.exp["trainable_parameters"] if ORIGINALS not in n]
+    assert sorted(map(M.peft040_name, ours)) == sorted(theirs)
+    # the unused originals are frozen here, trainable-but-gradless in peft 0.4.0: the same updates
+    assert sorted(set(fx.exp["trainable_parameters"]) - set(theirs)) == sorted(
+        n for n, p in model.named_parameters() if ORIGINALS in n)
+    assert M.count_parameters(model)["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n in theirs)
+    frozen = [M.peft040_name(n) for n, p in model.named_parameters() if not p.requires_grad and ORIGINALS not in n]
+    assert sorted(frozen) == sorted(fx.exp["frozen_parameters"])
+    groups = O.param_groups(M.trainable_named_parameters(model), 0.05, dict(model.named_modules()))
+    for ours_g, theirs_g in zip(groups, fx.exp["optimizer"]["groups"], strict=True):
+        assert ours_g["weight_decay"] == theirs_g["weight_decay"]
+        assert sorted(ours_g["names"]) == sorted(n for n in theirs_g["params"] if ORIGINALS not in n)
+    # the resized vocabulary, without padding_idx, and LoRA B starting at zero
+    emb = model.get_input_embeddings()
+    assert emb.weight.shape[0] == fx.exp["tokens"]["len"]
+    assert all(p.abs().max() == 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_step0_loss_and_gradients(fx: Fixture, trained):
+    s0 = fx.exp["step0"]
+    assert rel(trained["loss0"], s0["loss"]) < 1e-5
+    grads = trained["grads"]
+    for name, expected in s0["grad_norms"].items():
+        if ORIGINALS in name:
+            assert name in s0["params_without_grad"]
+            continue
+        assert norm(grads[name]) == pytest.approx(expected, rel=1e-4, abs=1e-9), name
+    for name, expected in s0["grads"].items():
+        torch.testing.assert_close(grads[name], torch.tensor(expected, dtype=torch.float32), rtol=1e-4, atol=1e-7)
+    tok = fx.exp["tokens"]
+    v = tok["text_vocab"]
+    emb = grads["base_model.model.model.embed_tokens.modules_to_save.default.weight"]
+    head = grads["base_model.model.lm_head.modules_to_save.default.weight"]
+    split = s0["grad_norm_split"]
+    assert norm(emb[:v]) == pytest.approx(split["embed_tokens_text_rows"], rel=1e-4)
+    assert norm(emb[v:]) == pytest.approx(split["embed_tokens_image_rows"], rel=1e-4)
+    assert norm(head[:v]) == pytest.approx(split["lm_head_text_rows"], rel=1e-4)
+    assert norm(head[v:]) == pytest.approx(split["lm_head_image_rows"], rel=1e-4)
+    for rows, g in ((s0["embed_tokens_grad_rows"], emb), (s0["lm_head_grad_rows"], head)):
+        for key, row in rows.items():
+            i = tok.get(key, tok["img_00000"] + int(key[5:10]) if key.startswith("<img_") else None)
+            torch.testing.assert_close(g[i], torch.tensor(row, dtype=torch.float32), rtol=1e-4, atol=1e-7)
+
+
+def test_trajectory_and_final_state(fx: Fixture, trained):
+    for ours, theirs in zip(trained["trajectory"], fx.exp["trajectory"], strict=True):
+        assert ours["lr"] == pytest.approx(theirs["lr"], abs=1e-12)
+        assert rel(ours["loss"], theirs["loss"]) < 1e-5
+        assert ours["grad_norm_before_clip"] == pytest.approx(theirs["grad_norm_before_clip"], rel=1e-4)
+    final, model = fx.exp["final"], trained["model"]
+    params = dict(model.named_parameters())
+    for name, expected in final["param_norms"].items():
+        if ORIGINALS not in name:
+            assert norm(params[name]) == pytest.approx(expected, rel=1e-4), name
+    for name, expected in final["params"].items():
+        torch.testing.assert_close(params[name].detach(), torch.tensor(expected, dtype=torch.float32),
+                                   rtol=1e-4, atol=1e-6)
+    assert trained["opt"].param_groups[0]["lr"] == pytest.approx(final["lr_after"], abs=1e-12)
+    model.eval()
+    with torch.no_grad():
+        assert rel(M.lm_loss(model, fx.ids, fx.labels).item(), final["eval_loss"]) < 1e-5
+    model.train()
+
+
+def test_torch_adamw_is_not_the_original(fx: Fixture):
+    """Why optim.HFAdamW exists: torch's AdamW with the same settings leaves the fixture's trajectory."""
+    model = fx.model()
+    _, opt, sched = fx.optimizer(model, cls=torch.optim.AdamW)
+    traj = fx.train(model, opt, sched)
+    assert max(rel(o["loss"], t["loss"]) for o, t in zip(traj, fx.exp["trajectory"])) > 1e-5
+
+
+def test_merge(fx: Fixture, trained, tmp_path):
+    merge = fx.exp["merge"]
+    model = trained["model"]
+    out = M.export(model, None, tmp_path / "export")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert merged.config.vocab_size == merge["merged_vocab_size"]
+    sd = merged.state_dict()
+    for name, expected in merge["merged_param_norms"].items():
+        assert norm(sd[name]) == pytest.approx(expected, rel=1e-4), name
+    params = dict(model.named_parameters())
+    for ours, theirs in (("model.embed_tokens.weight", "base_model.model.model.embed_tokens.modules_to_save.default.weight"),
+                         ("lm_head.weight", "base_model.model.lm_head.modules_to_save.default.weight")):
+        assert torch.equal(sd[ours], params[theirs].detach())
+    # W + alpha/r * B A on one projection
+    r, alpha = fx.exp["lora_config_used"]["r"], fx.exp["lora_config_used"]["lora_alpha"]
+    last = fx.spec["dims"]["layers"] - 1
+    pre = f"base_model.model.model.layers.{last}.self_attn.v_proj"
+    want = params[f"{pre}.base_layer.weight"] + alpha / r * params[f"{pre}.lora_B.default.weight"] @ params[
+        f"{pre}.lora_A.default.weight"]
+    torch.testing.assert_close(sd[f"model.layers.{last}.self_attn.v_proj.weight"], want.detach(), rtol=0, atol=1e-6)
+    merged.eval()
+    with torch.no_grad():
+        assert rel(M.lm_loss(merged, fx.ids, fx.labels).item(), merge["merged_eval_loss"]) < 1e-5
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(out.glob("*.bin"))
+
+
+def test_lr_tables(fx: Fixture):
+    for name, sched in fx.exp["schedules"].items():
+        assert O.warmup_steps(sched["max_steps"], sched["warmup_ratio"]) == sched["warmup_steps"], name
+        for step, lr in sched["lr_at_step"].items():
+            ours = O.lr_at_step(int(step), lr=sched["lr"], max_steps=sched["max_steps"],
+                                warmup_ratio=sched["warmup_ratio"], min_lr_ratio=sched["min_lr_ratio"])
+            assert ours == pytest.approx(lr, abs=1e-12), (name, step)
+    # the LambdaLR gives the same values step by step
+    s = fx.exp["schedules"]["short_12"]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = O.HFAdamW([p], lr=s["lr"])
+    sched = O.make_scheduler(opt, max_steps=s["max_steps"], warmup_ratio=s["warmup_ratio"],
+                             min_lr_ratio=s["min_lr_ratio"])
+    for step in range(len(s["lr_at_step"])):
+        assert opt.param_groups[0]["lr"] == pytest.approx(s["lr_at_step"][str(step)], abs=1e-12)
+        opt.step()
+        sched.step()
+
+
+def test_hf_adamw_update_rule():
+    """One step written out by hand (t = 2, eps added to sqrt(v) before the bias correction, decay after)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = O.HFAdamW([p], lr=0.1, betas=(0.9, 0.95), eps=1e-2, weight_decay=0.5)
+    g1, g2 = torch.tensor([0.5, 0.1]), torch.tensor([-0.2, 0.3])
+    w = p.detach().clone().double()
+    m = torch.zeros(2, dtype=torch.float64)
+    v = torch.zeros(2, dtype=torch.float64)
+    for t, g in enumerate((g1, g2), start=1):
+        p.grad = g.clone()
+        opt.step()
+        m = 0.9 * m + 0.1 * g.double()
+        v = 0.95 * v + 0.05 * g.double() ** 2
+        w = w - 0.1 * math.sqrt(1 - 0.95 ** t) / (1 - 0.9 ** t) * m / (v.sqrt() + 1e-2)
+        w = w - 0.1 * 0.5 * w
+    torch.testing.assert_close(p.detach().double(), w, rtol=1e-6, atol=1e-7)
+    # a parameter without a gradient is left alone (no decay either)
+    q = torch.nn.Parameter(torch.ones(2))
+    opt = O.HFAdamW([q], lr=0.1, weight_decay=0.5)
+    opt.step()
+    assert torch.equal(q.detach(), torch.ones(2))

@@ -1,6 +1,6 @@
 """Fetch the weights that can be fetched, and say which ones must be fetched by hand.
 
-    python scripts/download_weights.py [--model seed1|seed2|all] [--dest pretrained]
+    python scripts/download_weights.py [--model seed1 seed2 clip inception | all] [--dest pretrained]
 
 SEED-1 (default): Stable Diffusion v1.4 in diffusers format (fp32 safetensors; the UNet, VAE,
 text encoder, tokenizer and scheduler only) through huggingface_hub, and BLIP-2's EVA ViT-g file
@@ -9,6 +9,9 @@ prints where to get them and where to put them.
 SEED-2: the EVA ViT-g file, ``seed_quantizer.pt`` from the Hub repo AILab-CVC/seed-tokenizer-2,
 and Stable Diffusion 2.1 unCLIP in diffusers format (without its CLIP image encoder, which
 decoding SEED-2 codes does not use).
+For evaluation (scripts/evaluate.py): ``clip``, OpenAI CLIP ViT-L/14 (transformers format, the CLIP
+of the CLIP-I / CLIP-T scores), and ``inception``, torch-fidelity's InceptionV3 weights (the TF FID
+network) for FID and Inception Score.
 Files already in --dest are skipped. Exits 1 if a download failed (no network,
 HF_HUB_OFFLINE=1, ...), after trying every file.
 """
@@ -53,6 +56,15 @@ EVA_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/mod
 EVA_FILE = "eva_vit_g.pth"
 SEED1_DRIVE = "https://drive.google.com/drive/folders/1xmVXuttQfBPBOe4ZR96Wu1X34uzPkxsS"
 """= seed.checkpoint.SEED1_WEIGHTS_URL (not imported: --help must not import torch)."""
+CLIP_REPO = "openai/clip-vit-large-patch14"
+CLIP_DIR = "clip-vit-large-patch14"
+CLIP_FILES = ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt"]
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+"""= seed.evaluation.metrics.INCEPTION_FILE (not imported: --help must not import torch)."""
+MODELS = ("seed1", "seed2", "clip", "inception")
 BY_HAND = {
     "causal_qformer.pth": "the SEED-1 causal Q-Former (with ln_vision and the 32 query tokens)",
     "seed_tokenizer.pth": "the SEED-1 codebook, projections and Reverse Q-Former",
@@ -138,23 +150,31 @@ def fetch_url(url: str, path: Path, timeout: float) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("seed1", "seed2", "all"), default="seed1",
-                    help="which tokenizer's weights (default seed1; seed2 = SEED-LLaMA's tokenizer)")
+    ap.add_argument("--model", nargs="+", choices=(*MODELS, "all"), default=["seed1"],
+                    help="what to fetch (default seed1; seed2 = SEED-LLaMA's tokenizer; clip and inception: "
+                         "the evaluation networks; all = every one)")
     ap.add_argument("--dest", default="pretrained", help="folder for the weights (default: pretrained)")
     ap.add_argument("--eva-url", default=EVA_URL, help="where to get eva_vit_g.pth")
+    ap.add_argument("--inception-url", default=INCEPTION_URL, help=f"where to get {INCEPTION_FILE}")
     ap.add_argument("--timeout", type=float, default=10.0, help="network timeout in seconds")
     args = ap.parse_args(argv)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
-    seed1, seed2 = args.model in ("seed1", "all"), args.model in ("seed2", "all")
+    wanted = set(MODELS) if "all" in args.model else set(args.model)
+    seed1, seed2 = "seed1" in wanted, "seed2" in wanted
 
     results = []
     if seed1:
         results.append(fetch_repo(SD_REPO, dest / SD_DIR, SD_FILES, "about 4 GB", args.timeout))
-    results.append(fetch_url(args.eva_url, dest / EVA_FILE, args.timeout))
+    if seed1 or seed2:
+        results.append(fetch_url(args.eva_url, dest / EVA_FILE, args.timeout))
     if seed2:
         results.append(fetch_hub_file(SEED2_REPO, SEED2_FILE, dest / SEED2_FILE, "about 1.2 GB", args.timeout))
         results.append(fetch_repo(UNCLIP_REPO, dest / UNCLIP_DIR, UNCLIP_FILES, "about 5 GB", args.timeout))
+    if "clip" in wanted:
+        results.append(fetch_repo(CLIP_REPO, dest / CLIP_DIR, CLIP_FILES, "about 1.7 GB", args.timeout))
+    if "inception" in wanted:
+        results.append(fetch_url(args.inception_url, dest / INCEPTION_FILE, args.timeout))
     errors = [e for e in results if e]
 
     todo = {name: what for name, what in BY_HAND.items() if seed1 and not (dest / name).is_file()}

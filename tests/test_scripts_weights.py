@@ -1,17 +1,13 @@
-"""scripts/convert_checkpoint.py, scripts/download_weights.py, scripts/eval_reconstruction.py."""
+"""scripts/convert_checkpoint.py, scripts/download_weights.py (scripts/evaluate.py: tests/test_evaluate.py)."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import os
 import subprocess
 import sys
 
-import pytest
 import torch
-from PIL import Image
-from transformers import CLIPImageProcessor, CLIPModel
 
 import seed
 from conftest import PARITY, ROOT, TINY, parity_overrides
@@ -93,44 +89,22 @@ def test_download_skips_what_is_there(tmp_path):
     assert "put it at" not in r.stdout
 
 
-def test_eval_reconstruction_on_tiny_clip(tiny_clip, photos, tmp_path, capsys):
-    images = tmp_path / "images"
-    images.mkdir()
-    for p in photos:
-        (images / p.name).write_bytes(p.read_bytes())
-    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    out = tmp_path / "out"
-    rc = script("eval_reconstruction").main([
-        "--config", str(TINY), "--images", str(images), "--clip", str(tiny_clip), "--out", str(out),
-        "--device", "cpu", "diffusion.steps=1", "diffusion.num_samples=1"])
-    captured = capsys.readouterr()
-    assert rc == 1, "an unreadable image is reported in the exit status"
-    assert "broken.png" in captured.err
-
-    rows = list(csv.reader((out / "scores.csv").open()))
-    assert rows[0] == ["image", "clip_similarity"]
-    scores = {name: float(s) for name, s in rows[1:]}
-    assert set(scores) == {p.name for p in photos} | {"mean"}
-    assert scores["mean"] == pytest.approx(sum(scores[p.name] for p in photos) / len(photos), abs=1e-6)
-    for p in photos:
-        assert f"{p.name}\t{scores[p.name]:.4f}" in captured.out
-
-    # recompute the metric from its definition on the saved PNGs: projected pooled CLIP vision output
-    clip, proc = CLIPModel.from_pretrained(tiny_clip), CLIPImageProcessor.from_pretrained(tiny_clip)
-    for p in photos:
-        recon = out / f"{p.stem}_png_recon0.png"
-        pair = [Image.open(p).convert("RGB"), Image.open(recon).convert("RGB")]
-        with torch.no_grad():
-            pooled = clip.vision_model(pixel_values=proc(images=pair, return_tensors="pt")["pixel_values"]).pooler_output
-            f = clip.visual_projection(pooled)
-        f = torch.nn.functional.normalize(f, dim=-1)
-        assert (f[0] @ f[1]).item() == pytest.approx(scores[p.name], abs=1e-4)
-
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (2 * 256, len(photos) * 256)
+NO_INCEPTION = "http://127.0.0.1:9/inception.pth"
 
 
-def test_eval_reconstruction_needs_a_local_clip(tmp_path, photos):
-    with pytest.raises(SystemExit, match="--allow-download"):
-        script("eval_reconstruction").main(["--config", str(TINY), "--images", str(photos[0].parent),
-                                            "--clip", "nobody/no-such-clip", "--out", str(tmp_path)])
+def test_download_evaluation_networks_offline_fails_clearly_and_skips_what_is_there(tmp_path):
+    dl = script("download_weights")
+    r = run("scripts/download_weights.py", "--model", "clip", "inception", "--dest", str(tmp_path),
+            "--inception-url", NO_INCEPTION, "--timeout", "2", env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1
+    assert dl.CLIP_REPO in r.stderr and NO_INCEPTION in r.stderr
+    assert "eva_vit_g" not in r.stdout + r.stderr and "put it at" not in r.stdout  # only what was asked
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a failed download left files behind"
+
+    for f in [f"{dl.CLIP_DIR}/{f}" for f in dl.CLIP_FILES] + [dl.INCEPTION_FILE]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"present")
+    r = run("scripts/download_weights.py", "--model", "clip", "inception", "--dest", str(tmp_path),
+            "--inception-url", NO_INCEPTION, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[skip]") == 2 and "[get" not in r.stdout

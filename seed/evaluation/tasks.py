@@ -1,0 +1,514 @@
+"""One runner per task: reconstruction, codebook, retrieval, t2i (text-to-image), vqa, caption.
+
+Each takes a model, a `seed.evaluation.data.Dataset` and an output folder, runs the items this
+process has left to do (`seed.evaluation.runner.Run`: resumable, torchrun-sharded), and on rank 0
+returns the report (also ``OUT/report.json``, the per-item ``OUT/items.jsonl`` in dataset order
+and a table on stdout); other ranks return None. Images a task generates go to ``OUT/images/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..dataset import _write_json_atomic
+from ..errors import InputError
+from .data import Dataset, Example
+from .metrics import Clip, caption_scores, codebook_stats, image_set_scores, normalize_answer, recall_at_k, vqa_accuracy
+from .runner import Run, write_jsonl
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+T2I_GENERATION: dict[str, Any] = {"do_sample": False, "num_beams": 4, "max_new_tokens": 120}
+"""The original ``eval_caption_to_images.py``: beam search 4, at most 120 new tokens."""
+T2I_DECODE: dict[str, Any] = {"steps": 20, "guidance_scale": 5.0, "noise_level": 0}
+"""... and its unCLIP decode: 20 steps, guidance 5, noise level 0 (with a negative image)."""
+VQA_GENERATION: dict[str, Any] = {"do_sample": False, "num_beams": 1, "max_new_tokens": 32}
+VQA_PROMPT = "Question: {question}\nAnswer:"
+"""The original ``eval_vqa.py`` prompt (after the image)."""
+CAPTION_GENERATION: dict[str, Any] = {"do_sample": False, "num_beams": 1, "max_new_tokens": 64}
+CAPTION_PROMPT = "Please provide a short description of the image."
+
+
+def _batches(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for s in range(0, len(seq), n):
+        yield seq[s:s + n]
+
+
+def _bar(total: int, run: Run, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not run.progress, desc=f"{desc} rank {run.rank}/{run.world_size}",
+                unit="item", dynamic_ncols=True)
+
+
+def _open(batch: Sequence[Example]) -> tuple[list[Example], list[Any], list[dict]]:
+    """(examples whose image opened, their PIL images, error rows of the others)."""
+    good, images, errors = [], [], []
+    for ex in batch:
+        try:
+            images.append(ex.open())
+            good.append(ex)
+        except InputError as e:
+            errors.append({"id": ex.id, "error": str(e)})
+        except Exception as e:  # noqa: BLE001 - one bad file never stops the run
+            errors.append({"id": ex.id, "error": f"{ex.id}: {type(e).__name__}: {e}"})
+    return good, images, errors
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return sum(v) / len(v) if v else None
+
+
+def _set_scores(run: Run, rows: Sequence[dict], real: Sequence[Any], fid_features, is_logits, load) -> dict:
+    """FID/IS over the generated images in ``rows`` (``"images"``) against ``real``; {} if not asked."""
+    from PIL import Image
+
+    if fid_features is None and is_logits is None:
+        return {}
+    fake = [run.out / p for r in rows if "error" not in r for p in r.get("images", [])]
+    if fid_features is not None and (len(real) < 2 or len(fake) < 2):
+        logger.warning("FID needs at least 2 real and 2 generated images (%d, %d): not computed", len(real), len(fake))
+        fid_features = None
+
+    def load_any(x: Any):
+        return Image.open(x).convert("RGB") if isinstance(x, Path) else load(x)
+
+    return image_set_scores(real, fake, fid_features=fid_features, is_logits=is_logits, load=load_any)
+
+
+def _relative(run: Run, path: Path) -> str:
+    return str(path.relative_to(run.out))
+
+
+def _thumb(img, size: int = 256):
+    from PIL import Image
+
+    return img.convert("RGB").resize((size, size), Image.BICUBIC)
+
+
+def grid(rows: Sequence[Sequence[Any]], size: int = 256) -> Any:
+    """Rows of PIL images -> one image of ``size`` x ``size`` tiles."""
+    from PIL import Image
+
+    out = Image.new("RGB", (max(len(r) for r in rows) * size, len(rows) * size), "white")
+    for y, row in enumerate(rows):
+        for x, img in enumerate(row):
+            out.paste(_thumb(img, size), (x * size, y * size))
+    return out
+
+
+def _finish(run: Run, rows: list[dict], metrics: dict, headline: str, extra: dict | None = None,
+            items: list[dict] | None = None) -> dict:
+    write_jsonl(run.out / "items.jsonl", items if items is not None else rows)
+    return run.report(metrics, headline, rows, extra)
+
+
+# --- reconstruction -------------------------------------------------------------------------------
+
+def reconstruction(tok, data: Dataset, out: str | os.PathLike, *, clip: Clip | None = None,
+                   fid_features: torch.nn.Module | None = None, is_logits: torch.nn.Module | None = None,
+                   batch_size: int = 4, decode: Mapping[str, Any] | None = None, grid_rows: int = 8,
+                   fingerprint: dict | None = None, progress: bool = True) -> dict | None:
+    """Images -> codes -> images with a `seed.Tokenizer`: CLIP-I (cosine of CLIP image embeddings,
+    input vs each reconstruction, mean over samples), FID / IS of the reconstructions vs the inputs,
+    and ``grid.png`` (input | reconstructions, the first ``grid_rows`` items).
+
+    ``decode``: `seed.Tokenizer.decode` settings over the config's ``diffusion`` section.
+    """
+    from omegaconf import OmegaConf
+
+    decode = dict(decode or {})
+    settings = {"decode": {**OmegaConf.to_container(tok.cfg.diffusion, resolve=True), **decode},
+                "clip": clip.name if clip else None}
+    with Run(out, "reconstruction", data, fingerprint or {}, settings, progress=progress) as run:
+        bar = _bar(len(run.todo), run, "reconstruction")
+        for batch in _batches(run.todo, batch_size):
+            good, images, rows = _open(batch)
+            if good:
+                recons = tok.reconstruct(images, **decode)
+                k = len(recons) // len(good)
+                sims = [None] * len(good)
+                if clip is not None:
+                    a, b = clip.image_features(images), clip.image_features(recons)
+                    sims = (b.view(len(good), k, -1) * a[:, None]).sum(-1).mean(1).tolist()
+                for i, ex in enumerate(good):
+                    paths = []
+                    for j, img in enumerate(recons[i * k:(i + 1) * k]):
+                        p = run.image_path(ex.id, j)
+                        img.save(p)
+                        paths.append(_relative(run, p))
+                    rows.append({"id": ex.id, "clip_i": sims[i], "images": paths})
+            run.write(rows)
+            bar.update(len(batch))
+        bar.close()
+        rows = run.gather()
+        if rows is None:
+            return None
+        metrics: dict[str, Any] = {}
+        if clip is not None:
+            metrics["clip_i"] = _mean([r.get("clip_i") for r in rows])
+        by_id = {ex.id: ex for ex in data.examples}
+        ok = [r for r in rows if "error" not in r]
+        metrics.update(_set_scores(run, ok, [by_id[r["id"]] for r in ok], fid_features, is_logits,
+                                   lambda ex: ex.open()))
+        if ok and grid_rows > 0:
+            from PIL import Image
+
+            grid([[by_id[r["id"]].open(), *(Image.open(run.out / p) for p in r["images"])]
+                  for r in ok[:grid_rows]]).save(run.out / "grid.png")
+        return _finish(run, rows, metrics, "clip_i" if clip is not None else next(iter(metrics), "clip_i"))
+
+
+# --- codebook -------------------------------------------------------------------------------------
+
+def read_codes_folder(folder: str | os.PathLike) -> tuple[Dataset, dict[str, list[int]], int]:
+    """A `scripts/tokenize_dataset.py` output folder -> (dataset of its ids, id -> codes, codebook size)."""
+    import json
+
+    from ..llm import text_to_codes
+
+    folder = Path(folder)
+    run_json = folder / "run.json"
+    if not run_json.is_file() or not (folder / "codes").is_dir():
+        raise InputError(f"{folder}: not a tokenize_dataset.py output folder (no run.json and codes/)")
+    record = json.loads(run_json.read_text(encoding="utf-8"))
+    size = int(((record.get("fingerprint") or {}).get("model") or {}).get("codebook", {}).get("size", 8192))
+    codes: dict[str, list[int]] = {}
+    bad = 0
+    for f in sorted((folder / "codes").glob("*.jsonl")):
+        for n, line in enumerate(f.read_bytes().splitlines(), 1):
+            try:
+                row = json.loads(line)
+                c = row["codes"] if "codes" in row else text_to_codes(row["text"])[0].tolist()
+                codes[row["image"]] = list(c)
+            except Exception:  # noqa: BLE001 - a torn or foreign line is counted, not fatal
+                logger.warning("%s, line %d: not a codes row; skipped", f, n)
+                bad += 1
+    ids = sorted(codes)
+    return Dataset(str(folder), "codes", [Example(i, None) for i in ids], bad), codes, size
+
+
+def codebook(out: str | os.PathLike, *, codes_folder: str | os.PathLike | None = None, tok=None,
+             data: Dataset | None = None, batch_size: int = 32, codebook_size: int | None = None,
+             fingerprint: dict | None = None, progress: bool = True, top: int = 10) -> dict | None:
+    """Codebook health from a tokenize_dataset.py folder (``codes_folder``) or from images
+    (``tok`` + ``data``): share of codes used, perplexity, entropy per position, the most / least
+    used codes, and ``histogram.png`` (code counts, sorted; entropy per position)."""
+    if codes_folder is not None:
+        data, known, size = read_codes_folder(codes_folder)
+    elif tok is not None and data is not None:
+        known, size = {}, int(tok.cfg.model.codebook.size)
+    else:
+        raise InputError("codebook: give a tokenize_dataset.py output folder, or a tokenizer and images")
+    size = codebook_size or size
+    with Run(out, "codebook", data, fingerprint or {}, {"codebook_size": size}, progress=progress) as run:
+        bar = _bar(len(run.todo), run, "codebook")
+        for batch in _batches(run.todo, batch_size):
+            if known:
+                rows = [{"id": ex.id, "codes": known[ex.id]} for ex in batch]
+            else:
+                good, images, rows = _open(batch)
+                if good:
+                    rows += [{"id": ex.id, "codes": c} for ex, c in zip(good, tok.encode(images).tolist())]
+            run.write(rows)
+            bar.update(len(batch))
+        bar.close()
+        rows = run.gather()
+        if rows is None:
+            return None
+        import torch
+
+        ok = [r["codes"] for r in rows if "error" not in r]
+        if not ok:
+            raise InputError("codebook: no codes (every image failed)")
+        if len({len(c) for c in ok}) > 1:
+            raise InputError(f"codes must be the same number per image; found rows of {sorted({len(c) for c in ok})}")
+        stats = codebook_stats(torch.tensor(ok), size, top)
+        _histogram(stats, run.out / "histogram.png")
+        metrics = {k: stats[k] for k in ("usage", "used", "perplexity", "entropy_bits")}
+        metrics["mean_entropy_per_position_bits"] = _mean(stats["entropy_per_position_bits"])
+        extra = {"codebook": {k: stats[k] for k in ("entropy_per_position_bits", "most_used", "least_used")}}
+        return _finish(run, rows, metrics, "usage", extra)
+
+
+def _histogram(stats: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = stats["counts"].sort(descending=True).values.numpy()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
+    used = counts[counts > 0]
+    a.fill_between(range(1, len(used) + 1), used, step="post")  # one patch, not 8192 bars
+    a.set_yscale("log")
+    a.set_xlim(0, len(counts))
+    a.set_xlabel("codes, most used first")
+    a.set_ylabel("count")
+    a.set_title(f"{stats['used']} of {len(counts)} codes used; perplexity {stats['perplexity']:.1f}")
+    ent = stats["entropy_per_position_bits"]
+    b.bar(range(len(ent)), ent)
+    b.set_xlabel("position")
+    b.set_ylabel("entropy (bits)")
+    b.set_title("entropy of the codes at each position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- retrieval ------------------------------------------------------------------------------------
+
+def stage1_features(model, pixel_values: torch.Tensor | None = None,
+                    captions: Sequence[str] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A `seed.training.models.Stage1Model`'s contrastive features, as its ITC loss uses them:
+    image: ``vision_proj`` of the last causal query, L2-normalized, float32 [B, embed_dim];
+    text: ``text_proj`` of the text path's [CLS] output, L2-normalized, float32 [T, embed_dim]."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..training.models import run_frozen_vision
+
+    img = txt = None
+    with torch.inference_mode():
+        if pixel_values is not None:
+            causal = model.qformer(run_frozen_vision(model.vision, pixel_values.to(model.device)))
+            img = F.normalize(model.itc.vision_proj(causal[:, -1]).float(), dim=-1).cpu()
+        if captions is not None:
+            ids, mask = model.tokenize(list(captions))
+            text = model.qformer.qformer(query_embeds=model.text_embeddings(input_ids=ids), query_length=0,
+                                         attention_mask=mask).last_hidden_state
+            txt = F.normalize(model.itc.text_proj(text[:, 0]).float(), dim=-1).cpu()
+    return img, txt
+
+
+def retrieval(model, data: Dataset, out: str | os.PathLike, *, batch_size: int = 32, ks: Sequence[int] = (1, 5, 10),
+              fingerprint: dict | None = None, progress: bool = True) -> dict | None:
+    """Zero-shot image <-> text retrieval with a stage-1 model's causal Q-Former and text path
+    (SEED-1 Table 1): R@1/5/10 both ways on every image and all its captions (captions cleaned
+    as in training). Features are kept per item, so a killed run resumes."""
+    import torch
+
+    from ..images import preprocess_image
+    from ..training.data import clean_caption
+
+    if any(not ex.captions for ex in data.examples):
+        raise InputError("retrieval needs captions for every image (JSONL or Karpathy JSON)")
+    model.eval()
+    size = int(model.model_cfg.image_size)
+    resample = model.model_cfg.get("image_resample", "bicubic")
+    settings = {"ks": list(ks), "image_size": size, "resample": resample, "caption": "clean_caption (training)"}
+    with Run(out, "retrieval", data, fingerprint or {}, settings, progress=progress) as run:
+        bar = _bar(len(run.todo), run, "retrieval")
+        for batch in _batches(run.todo, batch_size):
+            good, images, rows = _open(batch)
+            if good:
+                px = torch.stack([preprocess_image(im, size, resample) for im in images])
+                caps = [clean_caption(c) for ex in good for c in ex.captions]
+                img, txt = stage1_features(model, px, caps)
+                at = 0
+                for i, ex in enumerate(good):
+                    n = len(ex.captions)
+                    rows.append({"id": ex.id, "image_feat": img[i].tolist(), "text_feats": txt[at:at + n].tolist()})
+                    at += n
+            run.write(rows)
+            bar.update(len(batch))
+        bar.close()
+        rows = run.gather()
+        if rows is None:
+            return None
+        ok = [r for r in rows if "error" not in r]
+        if not ok:
+            raise InputError("retrieval: no image could be read")
+        img = torch.tensor([r["image_feat"] for r in ok])
+        txt = torch.tensor([t for r in ok for t in r["text_feats"]])
+        owner = [i for i, r in enumerate(ok) for _ in r["text_feats"]]
+        sim = img @ txt.T
+        metrics = recall_at_k(sim, owner, ks)
+        # per item: rank (0 = first) of its best caption, and of the image for each caption
+        owner_t = torch.tensor(owner)
+        items = []
+        for i, r in enumerate(ok):
+            mine = owner_t == i
+            best = sim[i][mine].max()
+            t2i = [int((sim[:, j] > sim[i, j]).sum()) for j in mine.nonzero().flatten().tolist()]
+            items.append({"id": r["id"], "i2t_rank": int((sim[i] > best).sum()), "t2i_ranks": t2i})
+        items += [r for r in rows if "error" in r]
+        return _finish(run, rows, metrics, "mean_recall", {"images": len(ok), "texts": len(owner)}, items)
+
+
+# --- SEED-LLaMA: text-to-image --------------------------------------------------------------------
+
+def _llama_settings(pipe, template: str | None, generation: Mapping[str, Any], **more: Any) -> dict:
+    return {"template": template or pipe.template, "generation": dict(generation), **more}
+
+
+def text_to_image(pipe, data: Dataset, out: str | os.PathLike, *, clip: Clip | None = None,
+                  fid_features: torch.nn.Module | None = None, is_logits: torch.nn.Module | None = None,
+                  batch_size: int = 8, template: str | None = "raw", generation: Mapping[str, Any] | None = None,
+                  decode: Mapping[str, Any] | None = None, negative: bool = True, seed: int = 42,
+                  fingerprint: dict | None = None, progress: bool = True) -> dict | None:
+    """SEED-LLaMA text-to-image on captions: CLIP-T (generated image vs its caption), CLIP-I
+    (vs the reference image, when the data has one), FID / IS vs the references.
+
+    Defaults are the original ``eval_caption_to_images.py``'s: prompt bos + caption + ``<img>``
+    (``template="raw"``, ``force_image``), beam search 4, 120 new tokens, unCLIP 20 steps,
+    guidance 5 and a negative image: the codes the LM writes from bos + ``<img>`` alone, computed
+    once and kept in ``OUT/negative.json`` (so a resumed run uses the same). Each image's noise
+    is seeded with ``seed`` (the original drew one fixed latent for all), so an item's image does
+    not depend on the batch or on resuming. A caption's first one is the prompt.
+    """
+    import json
+
+    import torch
+
+    generation = {**T2I_GENERATION, **(generation or {})}
+    decode = {**T2I_DECODE, **(decode or {})}
+    settings = _llama_settings(pipe, template, generation, decode=decode, negative=negative, seed=seed,
+                               force_image=True, clip=clip.name if clip else None)
+    with Run(out, "t2i", data, fingerprint or {}, settings, progress=progress) as run:
+        neg_file = run.out / "negative.json"
+        if negative:
+            if neg_file.is_file():
+                neg = torch.tensor(json.loads(neg_file.read_text())["codes"])
+            else:
+                reply = pipe.generate([""], force_image=True, template=template, decode_images=False, seed=seed,
+                                      **generation)[0]
+                if not reply.codes:
+                    raise InputError(f"the LM wrote no image for the negative prompt: {reply.errors}")
+                neg = reply.codes[0]
+                if run.main:
+                    _write_json_atomic(neg_file, {"codes": neg.tolist()})
+            decode["negative_codes"] = neg
+        bar = _bar(len(run.todo), run, "t2i")
+        for batch in _batches(run.todo, batch_size):
+            replies = pipe.generate([ex.captions[0] for ex in batch], force_image=True, template=template,
+                                    decode=decode, seed=seed, **generation)
+            rows, made = [], []
+            for ex, reply in zip(batch, replies):
+                if not reply.images:
+                    rows.append({"id": ex.id, "error": f"no image generated ({'; '.join(reply.errors)})"})
+                    continue
+                p = run.image_path(ex.id)
+                reply.images[0].save(p)
+                made.append((ex, reply, p))
+            if clip is not None and made:
+                gen = clip.image_features([r.images[0] for _, r, _ in made])
+                txt = clip.text_features([ex.captions[0] for ex, _, _ in made])
+                clip_t = (gen * txt).sum(-1).tolist()
+            for n, (ex, reply, p) in enumerate(made):
+                row = {"id": ex.id, "caption": ex.captions[0], "images": [_relative(run, p)],
+                       "codes": reply.codes[0].tolist()}
+                if clip is not None:
+                    row["clip_t"] = clip_t[n]
+                    if ex.image is not None:
+                        try:
+                            row["clip_i"] = float(clip.image_features([ex.open()])[0] @ gen[n])
+                        except InputError as e:
+                            row["reference_error"] = str(e)
+                rows.append(row)
+            run.write(rows)
+            bar.update(len(batch))
+        bar.close()
+        rows = run.gather()
+        if rows is None:
+            return None
+        ok = [r for r in rows if "error" not in r]
+        metrics: dict[str, Any] = {}
+        if clip is not None:
+            metrics["clip_t"] = _mean([r.get("clip_t") for r in ok])
+            if any("clip_i" in r for r in ok):
+                metrics["clip_i"] = _mean([r.get("clip_i") for r in ok])
+        by_id = {ex.id: ex for ex in data.examples}
+        real = [by_id[r["id"]] for r in ok if by_id[r["id"]].image is not None and "reference_error" not in r]
+        metrics.update(_set_scores(run, ok, real, fid_features if real else None, is_logits, lambda ex: ex.open()))
+        headline = "clip_i" if "clip_i" in metrics else ("clip_t" if "clip_t" in metrics else next(iter(metrics), "n"))
+        settings_used = {"prompt": "bos + caption + <img>" if (template or pipe.template) == "raw" else "template"}
+        return _finish(run, rows, metrics, headline, settings_used)
+
+
+# --- SEED-LLaMA: VQA and captions -----------------------------------------------------------------
+
+def _answer(reply) -> str:
+    text = reply.text.strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def vqa(pipe, data: Dataset, out: str | os.PathLike, *, batch_size: int = 8, template: str | None = None,
+        prompt: str = VQA_PROMPT, generation: Mapping[str, Any] | None = None, seed: int = 0,
+        fingerprint: dict | None = None, progress: bool = True) -> dict | None:
+    """SEED-LLaMA answers VQAv2-style questions: the VQA accuracy (official normalization, 10
+    human answers) and exact match (normalized answer == the most common normalized human answer).
+    The prompt is the image, then ``prompt.format(question=...)``; the answer is the reply's first line."""
+    generation = {**VQA_GENERATION, **(generation or {})}
+    settings = _llama_settings(pipe, template, generation, prompt=prompt, seed=seed)
+    with Run(out, "vqa", data, fingerprint or {}, settings, progress=progress) as run:
+        bar = _bar(len(run.todo), run, "vqa")
+        for batch in _batches(run.todo, batch_size):
+            good, images, rows = _open(batch)
+            if good:
+                replies = pipe.generate([[im, prompt.format(question=ex.question)] for ex, im in zip(good, images)],
+                                        template=template, decode_images=False, seed=seed, **generation)
+                for ex, reply in zip(good, replies):
+                    answer = _answer(reply)
+                    row: dict[str, Any] = {"id": ex.id, "question": ex.question, "answer": answer}
+                    if ex.answers:
+                        norm = [normalize_answer(a) for a in ex.answers]
+                        common = max(sorted(set(norm)), key=norm.count)
+                        row.update(accuracy=vqa_accuracy(answer, ex.answers),
+                                   exact_match=float(normalize_answer(answer) == common))
+                    rows.append(row)
+            run.write(rows)
+            bar.update(len(batch))
+        bar.close()
+        rows = run.gather()
+        if rows is None:
+            return None
+        metrics = {"vqa_accuracy": _mean([r.get("accuracy") for r in rows]),
+                   "exact_match": _mean([r.get("exact_match") for r in rows])}
+        return _finish(run, rows, metrics, "vqa_accuracy")
+
+
+def caption(pipe, data: Dataset, out: str | os.PathLike, *, batch_size: int = 8, template: str | None = None,
+            prompt: str = CAPTION_PROMPT, generation: Mapping[str, Any] | None = None, seed: int = 0,
+            fingerprint: dict | None = None, progress: bool = True) -> dict | None:
+    """SEED-LLaMA captions images (the image, then ``prompt``); CIDEr-D and BLEU-4 against the
+    references (pycocoevalcap, PTB tokenization: needs Java)."""
+    from .metrics import java_available
+
+    if not java_available():  # fail before generating, not after
+        raise InputError("the caption task scores with pycocoevalcap, whose PTB tokenizer needs Java; install a JRE")
+    if any(not ex.captions for ex in data.examples):
+        raise InputError("caption needs reference captions for every image (JSONL or Karpathy JSON)")
+    generation = {**CAPTION_GENERATION, **(generation or {})}
+    settings = _llama_settings(pipe, template, generation, prompt=prompt, seed=seed)
+    with Run(out, "caption", data, fingerprint or {}, settings, progress=progress) as run:
+        bar = _bar(len(run.todo), run, "caption")
+        for batch in _batches(run.todo, batch_size):
+            good, images, rows = _open(batch)
+            if good:
+                replies = pipe.generate([[im, prompt] for im in images], template=template, decode_images=False,
+                                        seed=seed, **generation)
+                rows += [{"id": ex.id, "caption": _answer(r)} for ex, r in zip(good, replies)]
+            run.write(rows)
+            bar.update(len(batch))
+        bar.close()
+        rows = run.gather()
+        if rows is None:
+            return None
+        ok = [r for r in rows if "error" not in r]
+        if not ok:
+            raise InputError("caption: no image could be read")
+        by_id = {ex.id: ex for ex in data.examples}
+        scores = caption_scores({r["id"]: r["caption"] for r in ok},
+                                {r["id"]: list(by_id[r["id"]].captions) for r in ok})
+        items = [{**r, **scores["per_item"].get(r["id"], {})} for r in rows]
+        metrics = {k: v for k, v in scores.items() if k != "per_item"}
+        return _finish(run, rows, metrics, "CIDEr", items=items)

@@ -1,0 +1,336 @@
+"""Every evaluation task end to end on the tiny configs (seed.evaluation.tasks, scripts/evaluate.py).
+
+Models: `configs/seed_tiny.yaml` (reconstruction, codebook), the tiny stage-1 training config
+(retrieval), `SeedLlama.from_pretrained("tiny")` with `seed2_tiny` (t2i, vqa, caption); CLIP and
+Inception are tiny random stand-ins built in `evaluate_fixtures.py`. Nothing downloads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, PHOTOS, ROOT, TINY, TinyFeatures
+from PIL import Image
+
+import seed
+from seed.evaluation import data as D
+from seed.evaluation import tasks
+from seed.evaluation.metrics import Clip, java_available, recall_at_k, vqa_accuracy
+
+DECODE = {"steps": 1, "num_samples": 1, "height": 32, "width": 32}
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip_with_tokenizer):
+    return Clip(tiny_clip_with_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from seed.llama import SeedLlama
+
+    return SeedLlama.from_pretrained("tiny")
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """The three photos and a broken PNG in a folder."""
+    d = tmp_path / "images"
+    d.mkdir()
+    for p in PHOTOS:
+        (d / p.name).write_bytes(p.read_bytes())
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return d
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def items_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+
+
+def check_report(r: dict, task: str, n: int, errors: int) -> None:
+    assert r["task"] == task and r["n"] == n and r["n_errors"] == errors
+    assert r["value"] == r["metrics"][r["metric"]]
+    assert r["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert r["dataset"]["items"] == n + errors and len(r["dataset"]["ids_sha256"]) == 64
+    assert "model" in r and "settings" in r
+
+
+# --- data layouts ---------------------------------------------------------------------------------
+
+def test_layouts_and_bad_rows_are_reported_and_skipped(tmp_path, images, caplog):
+    kp = tmp_path / "dataset_flickr30k.json"
+    kp.write_text(json.dumps({"images": [
+        {"filename": "chelsea.png", "split": "test", "imgid": 7, "sentences": [{"raw": "A cat."}, {"raw": "Cat!"}]},
+        {"filename": "camera.png", "split": "train", "imgid": 8, "sentences": [{"raw": "A man."}]},
+        {"filename": "coffee.png", "split": "test", "imgid": 9, "sentences": "not a list"},
+        {"filepath": "sub", "filename": "x.png", "split": "test", "cocoid": 10, "sentences": [{"raw": "X."}]},
+    ]}))
+    ds = D.load_examples(kp, image_root=images)
+    assert [e.id for e in ds.examples] == ["7", "10"] and ds.bad == 1 and ds.layout == "karpathy:test"
+    assert ds.examples[0].captions == ("A cat.", "Cat!") and ds.examples[1].image == str(images / "sub" / "x.png")
+
+    jl = tmp_path / "pairs.jsonl"
+    jl.write_text("\n".join([json.dumps({"image": "images/chelsea.png", "caption": "a cat"}),
+                             json.dumps({"image": "images/camera.png", "captions": ["a", "b"]}),
+                             json.dumps({"image": "images/coffee.png"}), "{not json", "",
+                             json.dumps({"image": "images/chelsea.png", "caption": "the same image again"})]))
+    ds = D.load_examples(jl, need_captions=True)
+    assert [e.captions for e in ds.examples] == [("a cat",), ("a", "b"), ("the same image again",)] and ds.bad == 2
+    assert [e.id for e in ds.examples] == ["images/chelsea.png", "images/camera.png", "images/chelsea.png#2"]
+    assert "line 3" in caplog.text and "line 4" in caplog.text
+
+    folder = D.load_examples(images)
+    assert [e.id for e in folder.examples] == ["broken.png", "camera.png", "chelsea.png", "coffee.png"]
+    with pytest.raises(seed.InputError, match="needs captions"):
+        D.load_examples(images, need_captions=True)
+
+    q = tmp_path / "questions.json"
+    a = tmp_path / "annotations.json"
+    q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 42, "question": "What animal?"},
+                                           {"question_id": 2, "image_id": 43, "question": "How many?"},
+                                           {"question_id": 3, "question": "no image id"}]}))
+    a.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "cat"}] * 10}]}))
+    ds = D.load_vqa(q, a, images)
+    assert [(e.id, e.question, e.answers[:1]) for e in ds.examples] == [("1", "What animal?", ("cat",))]
+    assert ds.examples[0].image == str(images / "COCO_val2014_000000000042.jpg") and ds.bad == 2
+
+
+# --- tokenizer tasks ------------------------------------------------------------------------------
+
+def test_reconstruction_end_to_end_and_a_rerun_resumes_everything(tiny_tok, clip, images, tmp_path, capsys):
+    out = tmp_path / "recon"
+    fid = TinyFeatures()
+    r = tasks.reconstruction(tiny_tok, D.load_examples(images), out, clip=clip, fid_features=fid,
+                             is_logits=TinyFeatures(1), decode=DECODE, batch_size=2, fingerprint={"name": "tiny"})
+    check_report(r, "reconstruction", 3, 1)
+    assert r["metric"] == "clip_i" and {"clip_i", "FID", "IS"} <= set(r["metrics"])
+    assert r["settings"]["decode"]["steps"] == 1 and r["model"] == {"name": "tiny"}
+    assert "clip_i" in capsys.readouterr().out  # the table
+    rows = {row["id"]: row for row in items_of(out)}
+    assert "broken.png" in rows["broken.png"]["error"]
+    # CLIP-I by its definition: cosine of projected CLIP embeddings of the input and the saved reconstruction
+    for p in PHOTOS:
+        recon = Image.open(out / rows[p.name]["images"][0])
+        f = clip.image_features([Image.open(p).convert("RGB"), recon])
+        assert float(f[0] @ f[1]) == pytest.approx(rows[p.name]["clip_i"], abs=1e-4)
+    assert r["value"] == pytest.approx(sum(rows[p.name]["clip_i"] for p in PHOTOS) / 3, abs=1e-6)
+    assert Image.open(out / "grid.png").size == (2 * 256, 3 * 256)
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    again = tasks.reconstruction(tiny_tok, D.load_examples(images), out, clip=clip, fid_features=fid,
+                                 is_logits=TinyFeatures(1), decode=DECODE, batch_size=2, fingerprint={"name": "tiny"})
+    assert again["items_resumed"] == 4 and again["metrics"] == r["metrics"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == stamps
+    with pytest.raises(seed.InputError, match="decode.steps: 1 in run.json, 2 now"):
+        tasks.reconstruction(tiny_tok, D.load_examples(images), out, decode={**DECODE, "steps": 2},
+                             fingerprint={"name": "tiny"})
+
+
+def test_codebook_from_a_tokenize_dataset_folder_and_from_images(tiny_tok, images, tmp_path):
+    from seed.llm import codes_to_text
+
+    folder = tmp_path / "codes_run"
+    (folder / "codes").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"fingerprint": {"model": {"codebook": {"size": 16}}}}))
+    rows = [{"image": "a.png", "codes": [0, 1, 2, 3]}, {"image": "b.png", "codes": [0, 1, 2, 4]},
+            {"image": "c.png", "text": codes_to_text(torch.tensor([[0] * 32]))[0]}]
+    (folder / "codes" / "000000.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n{torn")
+    (folder / "codes" / "000001.jsonl").write_text(json.dumps(rows[2]) + "\n")
+    with pytest.raises(seed.InputError, match="codes must be"):  # rows of 4 and of 32 codes do not stack
+        tasks.codebook(tmp_path / "cb0", codes_folder=folder)
+    (folder / "codes" / "000001.jsonl").unlink()
+    r = tasks.codebook(tmp_path / "cb", codes_folder=folder)
+    # codes used: 0, 1, 2 (twice each), 3, 4 (once): 5 of 16
+    assert r["metrics"]["used"] == 5 and r["metrics"]["usage"] == 5 / 16 and r["n_bad_rows"] == 1
+    assert r["codebook"]["most_used"][:3] == [[0, 2], [1, 2], [2, 2]]
+    assert r["codebook"]["entropy_per_position_bits"] == pytest.approx([0, 0, 0, 1])
+    assert (tmp_path / "cb" / "histogram.png").stat().st_size > 1000
+
+    r = tasks.codebook(tmp_path / "cb2", tok=tiny_tok, data=D.load_examples(images), batch_size=2)
+    check_report(r, "codebook", 3, 1)
+    got = {row["id"]: row["codes"] for row in items_of(tmp_path / "cb2") if "codes" in row}
+    assert got == {p.name: c for p, c in zip(PHOTOS, tiny_tok.encode(list(PHOTOS)).tolist())}
+
+
+def test_retrieval_with_the_tiny_stage1_model_matches_its_training_forward(tmp_path):
+    from seed.training.config import load_train_config
+    from seed.training.models import build_model
+
+    cfg = load_train_config(ROOT / "configs/train/seed1_stage1_tiny.yaml")
+    model = build_model(cfg).eval()
+    data = D.load_examples(DATA / "captions.jsonl", need_captions=True)
+    r = tasks.retrieval(model, data, tmp_path / "ret", batch_size=2, ks=(1, 2, 10))
+    check_report(r, "retrieval", 3, 0)
+    # the same features from the training forward (the ITC loss's image_feat / text_feat)
+    from seed.images import preprocess_image
+    from seed.training.data import clean_caption
+
+    px = torch.stack([preprocess_image(ex.open(), 28, "bicubic") for ex in data.examples for _ in ex.captions])
+    caps = [clean_caption(c) for ex in data.examples for c in ex.captions]
+    with torch.no_grad():
+        out = model(px, caps, intermediates=True)
+    img = out["image_feat"][::2]  # each image twice, once per caption
+    expected = recall_at_k(img @ out["text_feat"].T, [0, 0, 1, 1, 2, 2], (1, 2, 10))
+    assert r["metrics"] == pytest.approx(expected)
+    assert r["metrics"]["i2t_R@10"] == 1.0 and r["texts"] == 6
+    assert [row["id"] for row in items_of(tmp_path / "ret")] == [ex.id for ex in data.examples]
+
+
+# --- SEED-LLaMA tasks -----------------------------------------------------------------------------
+
+GREEDY = {"num_beams": 1, "max_new_tokens": 40}
+
+
+def test_t2i_end_to_end_with_references(pipe, clip, tmp_path):
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("\n".join([json.dumps({"caption": "a cat", "image": str(PHOTOS[1])}),
+                               json.dumps({"caption": "a camera", "image": str(PHOTOS[0])}),
+                               json.dumps({"caption": "a cup of coffee"}), json.dumps({"image": "x.png"})]))
+    data = D.load_captions(caps)
+    assert data.bad == 1 and len(data.examples) == 3
+    r = tasks.text_to_image(pipe, data, tmp_path / "t2i", clip=clip, fid_features=TinyFeatures(), batch_size=2,
+                            generation=GREEDY, decode=DECODE, seed=0)
+    check_report(r, "t2i", 3, 0)
+    assert r["metric"] == "clip_i" and {"clip_t", "clip_i", "FID"} <= set(r["metrics"])
+    assert r["settings"]["template"] == "raw" and r["settings"]["decode"]["guidance_scale"] == 5.0
+    rows = items_of(tmp_path / "t2i")
+    assert "clip_i" in rows[0] and "clip_i" not in rows[2]
+    neg = json.loads((tmp_path / "t2i" / "negative.json").read_text())["codes"]
+    # the generated image is the decode of the generated codes (with the negative image, seeded)
+    img = pipe.decode_images(torch.tensor([rows[0]["codes"]]), **DECODE | {"num_samples": 1}, seed=0,
+                             guidance_scale=5.0, noise_level=0, negative_codes=torch.tensor(neg))[0]
+    saved = Image.open(tmp_path / "t2i" / rows[0]["images"][0])
+    diff = np.asarray(img).astype(int) - np.asarray(saved.convert("RGB")).astype(int)
+    assert np.abs(diff).max() <= 1
+    g, t = clip.image_features([saved]), clip.text_features(["a cat"])
+    assert float(g[0] @ t[0]) == pytest.approx(rows[0]["clip_t"], abs=1e-4)
+
+
+def test_vqa_end_to_end(pipe, tmp_path):
+    root = tmp_path / "val2014"
+    root.mkdir()
+    for i, p in enumerate(PHOTOS[:2], 1):
+        Image.open(p).convert("RGB").save(root / f"COCO_val2014_{i:012d}.jpg")
+    q, a = tmp_path / "q.json", tmp_path / "a.json"
+    q.write_text(json.dumps({"questions": [{"question_id": 10 + i, "image_id": i, "question": f"What is {i}?"}
+                                           for i in (1, 2, 3)]}))  # image 3 is missing
+    humans = ["cat"] * 3 + ["dog"] * 7
+    a.write_text(json.dumps({"annotations": [{"question_id": 10 + i, "answers": [{"answer": h} for h in humans]}
+                                             for i in (1, 2, 3)]}))
+    r = tasks.vqa(pipe, D.load_vqa(q, a, root), tmp_path / "vqa", generation={"max_new_tokens": 6}, batch_size=2)
+    check_report(r, "vqa", 2, 1)
+    rows = items_of(tmp_path / "vqa")
+    first = pipe.generate([[Image.open(root / "COCO_val2014_000000000001.jpg"), "Question: What is 1?\nAnswer:"]],
+                          do_sample=False, max_new_tokens=6, decode_images=False)[0].text.strip()
+    assert rows[0]["answer"] == (first.splitlines()[0].strip() if first else "")  # batched greedy = alone
+    assert rows[0]["accuracy"] == vqa_accuracy(rows[0]["answer"], humans)
+    assert "error" in rows[2]
+    assert r["value"] == pytest.approx((rows[0]["accuracy"] + rows[1]["accuracy"]) / 2)
+
+
+@pytest.mark.skipif(not java_available(), reason="CIDEr needs Java")
+def test_caption_end_to_end(pipe, tmp_path):
+    r = tasks.caption(pipe, D.load_examples(DATA / "captions.jsonl", need_captions=True), tmp_path / "cap",
+                      generation={"max_new_tokens": 8}, batch_size=3)
+    check_report(r, "caption", 3, 0)
+    assert r["metric"] == "CIDEr" and {"CIDEr", "BLEU-4"} <= set(r["metrics"])
+    rows = items_of(tmp_path / "cap")
+    assert all("CIDEr" in row and isinstance(row["caption"], str) for row in rows)
+    assert r["value"] == pytest.approx(sum(row["CIDEr"] for row in rows) / 3, abs=1e-6)
+
+
+# --- the script -----------------------------------------------------------------------------------
+
+def test_script_reconstruction(tiny_clip_with_tokenizer, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = script("evaluate").main(["reconstruction", "--config", str(TINY), "--images", str(images), "--out", str(out),
+                                  "--clip", str(tiny_clip_with_tokenizer), "--inception", "none", "--device", "cpu",
+                                  "--no-progress", "diffusion.steps=1", "diffusion.num_samples=1",
+                                  "diffusion.height=32", "diffusion.width=32"])
+    captured = capsys.readouterr()
+    assert rc == 1, "an unreadable image makes the exit status 1"
+    assert "broken.png" in captured.err and "clip_i" in captured.out
+    r = report_of(out)
+    assert r["n"] == 3 and r["model"]["model"]["image_size"] == seed.load_config(TINY).model.image_size
+    rc = script("evaluate").main(["reconstruction", "--config", str(TINY), "--images", str(images), "--out", str(out),
+                                  "--clip", "nobody/no-such-clip", "--inception", "none"])
+    assert rc == 2 and "--allow-download" in capsys.readouterr().err
+
+
+def test_a_killed_t2i_run_resumes_without_regenerating(tmp_path, capsys):
+    n = 12
+    caps = tmp_path / "caps.txt"
+    caps.write_text("\n".join(f"a photo of a cat number {i}" for i in range(n)) + "\n")
+    out = tmp_path / "t2i"
+    args = ["t2i", "--llm", "tiny", "--captions", str(caps), "--out", str(out), "--clip", "none", "--inception", "none",
+            "--batch-size", "1", "--no-progress", "--generation", "num_beams=1", "max_new_tokens=40",
+            "--decode", "steps=1", "height=32", "width=32"]
+    proc = subprocess.Popen([sys.executable, "scripts/evaluate.py", *args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    items = out / "items" / "rank000.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if items.is_file() and items.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # a real kill: no handler runs
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    before = [json.loads(line) for line in items.read_bytes().splitlines(keepends=True) if line.endswith(b"\n")]
+    assert 2 <= len(before) < n, "the run must be killed half-way"
+    stamps = {row["id"]: (out / row["images"][0]).stat().st_mtime_ns for row in before}
+
+    assert script("evaluate").main(args) == 0  # the same command again resumes
+    r = report_of(out)
+    assert r["n"] == n and r["items_resumed"] == len(before)
+    assert "t2i" in capsys.readouterr().out
+    rows = [json.loads(line) for line in items.read_text().splitlines()]
+    assert rows[:len(before)] == before  # the finished items' rows are untouched...
+    assert sorted(row["id"] for row in rows) == sorted(str(i) for i in range(1, n + 1))  # ...and none is done twice
+    assert {i: (out / f"images/{i}_0.png").stat().st_mtime_ns for i in stamps} == stamps  # never regenerated
+    assert [row["id"] for row in items_of(out)] == [str(i) for i in range(1, n + 1)]
+
+
+def test_torchrun_two_processes_share_the_items_and_rank0_reports(tmp_path):
+    folder = tmp_path / "codes_run"
+    (folder / "codes").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"fingerprint": {"model": {"codebook": {"size": 8192}}}}))
+    (folder / "codes" / "000000.jsonl").write_text("".join(
+        json.dumps({"image": f"{i:02d}.png", "codes": [i] * 32}) + "\n" for i in range(10)))
+    out = tmp_path / "cb"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "scripts/evaluate.py", "codebook", "--codes", str(folder), "--out", str(out),
+                          "--batch-size", "2", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("codebook on") == 1  # one table, from rank 0
+    ranks = [[json.loads(line)["id"] for line in (out / "items" / f"rank00{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert ranks == [[f"{i:02d}.png" for i in range(0, 10, 2)], [f"{i:02d}.png" for i in range(1, 10, 2)]]
+    r = report_of(out)
+    assert r["n"] == 10 and r["metrics"]["used"] == 10 and r["metrics"]["entropy_bits"] == pytest.approx(np.log2(10))

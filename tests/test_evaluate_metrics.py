@@ -1,0 +1,196 @@
+"""Known-answer tests of the evaluation metrics (seed.evaluation.metrics) on small real inputs.
+
+Expected values come from hand computations shown here or the official definitions' published
+values (VQA: 1/2/3 matching humans -> 0.3/0.6/0.9), never from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from conftest import PHOTOS, TinyFeatures
+from PIL import Image
+from torch import nn
+
+from seed import InputError
+from seed.evaluation import metrics as M
+
+
+# --- retrieval ------------------------------------------------------------------------------------
+
+def test_recall_at_k_on_a_constructed_matrix():
+    # 3 images, 5 captions; caption j belongs to image owner[j]
+    owner = [0, 0, 1, 2, 2]
+    sim = torch.tensor([
+        [0.9, 0.1, 0.8, 0.2, 0.3],
+        [0.5, 0.6, 0.4, 0.7, 0.1],
+        [0.2, 0.3, 0.1, 0.25, 0.0],
+    ])
+    r = M.recall_at_k(sim, owner, ks=(1, 2, 5))
+    # rows: image 0's best own text (0: 0.9) is first: rank 0; image 1's own text 2 (0.4) has 0.5, 0.6,
+    # 0.7 above it: rank 3; image 2's best own text 3 (0.25) has 0.3 above it: rank 1
+    assert r["i2t_R@1"] == pytest.approx(1 / 3) and r["i2t_R@2"] == pytest.approx(2 / 3) and r["i2t_R@5"] == 1
+    # columns: text 0 (image 0: 0.9) rank 0; text 1 (image 0: 0.1; 0.6, 0.3 above) rank 2; text 2
+    # (image 1: 0.4; 0.8 above) rank 1; text 3 (image 2: 0.25; 0.7 above) rank 1; text 4 (image 2: 0.0) rank 2
+    assert r["t2i_R@1"] == pytest.approx(1 / 5) and r["t2i_R@2"] == pytest.approx(3 / 5) and r["t2i_R@5"] == 1
+    assert r["mean_recall"] == pytest.approx((1 / 3 + 2 / 3 + 1 + 1 / 5 + 3 / 5 + 1) / 6)
+    with pytest.raises(InputError, match="text_to_image"):
+        M.recall_at_k(sim, [0, 0, 1, 3, 2])
+
+
+# --- VQA ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, norm", [
+    ("Two", "2"), ("the dog", "dog"), ("Yes.", "yes"), ("isnt", "isn't"), ("a red, white bus", "red white bus"),
+    ("1,000", "1000"), ("3.5", "3.5"), ("  left\n", "left"), ("none", "0"), ("t-shirt", "t shirt"),
+])
+def test_vqa_answer_normalization_as_the_official_evaluation(raw, norm):
+    assert M.normalize_answer(raw) == norm
+
+
+def test_vqa_accuracy_official_values():
+    # the VQA accuracy: min(#humans / 3, 1) averaged over the 10 leave-one-out subsets;
+    # 1, 2, 3 and 4 matching humans out of 10 give 0.3, 0.6, 0.9 and 1.0
+    for matches, expected in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
+        humans = ["yes"] * matches + ["no"] * (10 - matches)
+        assert M.vqa_accuracy("Yes", humans) == pytest.approx(expected)
+    assert M.vqa_accuracy("Two", ["2"] * 10) == 1.0  # the answer is normalized
+    assert M.vqa_accuracy("two", ["two"] * 10) == 0.0  # unanimous human answers are compared as given
+    with pytest.raises(InputError):
+        M.vqa_accuracy("yes", [])
+
+
+# --- captions -------------------------------------------------------------------------------------
+
+CANDIDATES = {"a": "Red kite over hills.", "b": "green boat near town"}
+REFERENCES = {"a": ["red kite over hills"], "b": ["Green boat near docks!"]}
+
+
+@pytest.mark.skipif(not M.java_available(), reason="pycocoevalcap's PTB tokenizer needs Java")
+def test_cider_and_bleu_against_hand_computation():
+    """Two images, one reference each, no n-gram shared between images (so every n-gram has idf
+    log(2) and the tf-idf vectors are plain counts times log 2). CIDEr-D per image = 10 x mean over
+    n=1..4 of the clipped cosine (equal lengths: no length penalty):
+      a: the candidate equals its reference (after PTB tokenization): 1 for every n -> 10;
+      b: 'green boat near town' vs 'green boat near docks': n=1: 3/4, n=2: 2/3, n=3: 1/2, n=4: 0
+         -> 10 x (3/4 + 2/3 + 1/2 + 0) / 4 = 230/48.
+    BLEU-4 (corpus): clipped matches 7/8, 5/6, 3/4, 1/2 over both; equal lengths, no brevity penalty."""
+    s = M.caption_scores(CANDIDATES, REFERENCES)
+    assert s["per_item"]["a"]["CIDEr"] == pytest.approx(10.0, abs=1e-6)
+    assert s["per_item"]["b"]["CIDEr"] == pytest.approx(230 / 48, abs=1e-6)
+    assert s["CIDEr"] == pytest.approx((10 + 230 / 48) / 2, abs=1e-6)
+    assert s["BLEU-4"] == pytest.approx((7 / 8 * 5 / 6 * 3 / 4 * 1 / 2) ** 0.25, abs=1e-6)
+    assert s["BLEU-1"] == pytest.approx(7 / 8, abs=1e-6)
+    empty = M.caption_scores({"a": "", "b": "green boat near town"}, REFERENCES)  # an empty caption scores 0
+    assert empty["per_item"]["a"]["CIDEr"] == 0.0
+
+
+def test_caption_scores_without_java_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(InputError, match="Java"):
+        M.caption_scores(CANDIDATES, REFERENCES)
+    with pytest.raises(InputError, match="same ids"):
+        M.caption_scores({"a": "x"}, REFERENCES)
+
+
+# --- FID / IS -------------------------------------------------------------------------------------
+
+class ColorClasses(nn.Module):
+    """Logits of 3 classes: the image's dominant channel (a stand-in classifier for IS)."""
+
+    def forward(self, x):
+        return 50.0 * F.one_hot(x.float().mean((2, 3)).argmax(1), 3).float()
+
+
+def crops(shift: int = 0) -> list[Image.Image]:
+    out = []
+    for p in PHOTOS:
+        img = Image.open(p).convert("RGB")
+        for k in range(3):
+            box = (k * 40, k * 30, k * 40 + 160, k * 30 + 160)
+            arr = np.asarray(img.crop(box)).astype(np.int16) + shift
+            out.append(Image.fromarray(arr.clip(0, 255).astype(np.uint8)))
+    return out
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_matches_the_formula_for_a_shifted_set():
+    real, shifted = crops(), crops(shift=60)
+    f = TinyFeatures()
+    same = M.image_set_scores(real, real, fid_features=f, size=64)["FID"]
+    assert abs(same) < 1e-3
+    fid = M.image_set_scores(real, shifted, fid_features=f, size=64)["FID"]
+    # the Frechet distance by its formula (numpy / scipy), on the same features
+    with torch.no_grad():
+        a = f(M.to_uint8_batch(real, 64)).double().numpy()
+        b = f(M.to_uint8_batch(shifted, 64)).double().numpy()
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert fid > 1e-3
+    assert fid == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(InputError, match="at least 2"):
+        M.image_set_scores(real[:1], real, fid_features=f)
+
+
+def test_inception_score_counts_equally_likely_confident_classes():
+    solid = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue") for _ in range(2)]
+    # IS = exp(E KL(p(y|x) || p(y))): confident and uniform over 3 classes -> exp(log 3) = 3
+    assert M.image_set_scores([], solid, is_logits=ColorClasses(), size=32)["IS"] == pytest.approx(3.0, abs=1e-4)
+    assert M.image_set_scores([], solid[:2], is_logits=ColorClasses(), size=32)["IS"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_inception_weights_must_be_a_local_plain_state_dict(tmp_path):
+    from seed import CheckpointError
+
+    with pytest.raises(CheckpointError, match="download_weights.py --model inception"):
+        M.inception_modules(tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save({"w": torch.zeros(1), "obj": TinyFeatures()}, bad)
+    with pytest.raises(CheckpointError, match="not a plain"):
+        M.inception_modules(bad)
+
+
+# --- CLIP -----------------------------------------------------------------------------------------
+
+def test_clip_scores_are_cosines_of_projected_embeddings(tiny_clip_with_tokenizer):
+    from transformers import CLIPModel
+
+    clip = M.Clip(tiny_clip_with_tokenizer)
+    imgs = [Image.open(p).convert("RGB") for p in PHOTOS]
+    f = clip.image_features(imgs)
+    assert f.shape == (3, 16) and torch.allclose(f.norm(dim=-1), torch.ones(3))
+    assert float(f[0] @ clip.image_features(imgs[:1])[0]) == pytest.approx(1.0, abs=1e-5)  # an image with itself
+    t = clip.text_features(["a cat", "a camera"])
+    # by hand: the text model's pooled output (EOS token) through the text projection
+    model = CLIPModel.from_pretrained(tiny_clip_with_tokenizer).eval()
+    ids = clip.tokenizer(["a cat"], return_tensors="pt")
+    with torch.no_grad():
+        pooled = model.text_model(**ids).pooler_output
+        ref = F.normalize(model.text_projection(pooled), dim=-1)[0]
+    assert torch.allclose(t[0], ref, atol=1e-5)
+
+
+def test_clip_that_is_not_local_says_how_to_get_it():
+    from seed import CheckpointError
+
+    with pytest.raises(CheckpointError, match="download_weights.py --model clip"):
+        M.Clip("nobody/no-such-clip")
+
+
+# --- codebook -------------------------------------------------------------------------------------
+
+def test_codebook_stats_by_hand():
+    codes = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 1]])  # 8 codes: 0 x4, 1 x2, 2 x1, 3 x1
+    s = M.codebook_stats(codes, codebook_size=16, top=2)
+    p = np.array([4, 2, 1, 1]) / 8
+    h = -(p * np.log(p)).sum()  # 1.2130 nats = 1.75 bits
+    assert s["used"] == 4 and s["usage"] == 4 / 16
+    assert s["entropy_bits"] == pytest.approx(1.75) and s["perplexity"] == pytest.approx(math.exp(h))
+    assert s["entropy_per_position_bits"] == pytest.approx([0.0, 1.5])  # position 1: 1/2, 1/4, 1/4
+    assert s["most_used"] == [[0, 4], [1, 2]] and s["least_used"] == [[3, 1], [2, 1]]
+    with pytest.raises(InputError, match=r"\[0, 16\)"):
+        M.codebook_stats(torch.tensor([[0, 16]]), codebook_size=16)

@@ -1,0 +1,227 @@
+"""The web demo's handlers (seed.app), called directly: tiny random LM, tiny SEED-2, 2 decoding steps.
+
+The page itself is driven in a real browser by tests/test_app_browser.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PHOTOS, TINY, TINY2
+from PIL import Image
+
+from seed import InputError
+
+if importlib.util.find_spec("gradio") is None:
+    pytest.skip("needs gradio: pip install -e '.[app]'", allow_module_level=True)
+from seed.app import Demo, demo_from_args, new_state, parse_args, parse_codes  # noqa: E402 (before gradio)
+
+import gradio as gr  # noqa: E402
+
+PHOTO = str(PHOTOS[0])
+STEPS = 2
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
+
+
+@pytest.fixture(scope="module")
+def demo() -> Demo:
+    return demo_from_args(parse_args(["--llm", "tiny", "--config", str(TINY2), f"diffusion.steps={STEPS}"]))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A well-formed PNG (valid CRCs) claiming ``width x height`` RGB, with almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Uploads the app must refuse: file -> what the message must say."""
+    d = tmp_path_factory.mktemp("uploads")
+    (d / "notes.png").write_text("this is a text file, not a PNG\n")
+    (d / "bomb.png").write_bytes(png_header(40000, 40000))
+    (d / "empty.png").write_bytes(b"")
+    return {"text": (d / "notes.png", "not an image"), "bomb": (d / "bomb.png", "decompression bomb"),
+            "empty": (d / "empty.png", "empty")}
+
+
+def run_turn(demo: Demo, state: dict, text: str = "", files: tuple = (), **settings) -> list[tuple]:
+    """All the yields of one chat turn (settings: the handler's keyword arguments)."""
+    kw = {"seed": 0, "steps": STEPS, "max_new_tokens": 24, **settings}
+    return list(demo.chat({"text": text, "files": [str(f) for f in files]}, state, **kw))
+
+
+def shown(messages: list[dict]) -> list[str]:
+    return [str(m["content"]) for m in messages]
+
+
+def test_flags_choose_models_like_the_scripts_and_bind_locally():
+    args = parse_args(["--llm", "tiny", "--config", str(TINY2), "diffusion.steps=3"])
+    assert (args.host, args.share, args.llm, args.overrides) == ("127.0.0.1", False, "tiny", ["diffusion.steps=3"])
+    d = demo_from_args(args)
+    assert d.pipe.random_weights and d.pipe.template == "vicuna"
+    assert d._decode_defaults()["steps"] == 3
+    assert "Random weights" in d.random_notice
+    assert demo_from_args(parse_args(["--llm", "tiny", "--template", "llama2"])).pipe.template == "llama2"
+    tokenizer_only = demo_from_args(parse_args(["--llm", "none", "--config", str(TINY)]))
+    assert tokenizer_only.pipe is None
+    with pytest.raises(SystemExit):
+        parse_args(["--template", "nope"])
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"  # set by seed.app, before gradio loads
+
+
+def test_parse_codes_reads_every_pasted_form_and_names_bad_tokens():
+    assert parse_codes("[1, 2, 3]") == parse_codes("1 2 3") == parse_codes("1,2;\n3") == [1, 2, 3]
+    for text, match in (("", "paste 32 integers"), ("1 2 x3", "'x3' is not an integer"), ("1.5", "not an integer")):
+        with pytest.raises(InputError, match=match):
+            parse_codes(text)
+
+
+def test_encode_shows_32_codes_and_decode_of_them_gives_the_same_images(demo):
+    codes_text, gallery = demo.encode_image(PHOTO, seed=7, steps=STEPS, samples=2)
+    codes = parse_codes(codes_text)
+    assert codes == demo.tokenizer.encode([PHOTO])[0].tolist() and len(codes) == 32
+    assert [label for _, label in gallery] == ["input", "sample 1 (seed 7)", "sample 2 (seed 7)"]
+    assert np.array_equal(np.asarray(Image.open(gallery[0][0])), np.asarray(Image.open(PHOTO).convert("RGB")))
+    again = demo.decode_codes(codes_text, seed=7, steps=STEPS, samples=2)
+    for (a, _), (b, _) in zip(gallery[1:], again):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    other_seed = demo.decode_codes(codes_text, seed=8, steps=STEPS, samples=1)
+    assert not np.array_equal(np.asarray(Image.open(other_seed[0][0])), np.asarray(Image.open(again[0][0])))
+
+
+def test_a_seed1_config_works_in_the_tokenizer_tab():
+    d = Demo(str(TINY), None)
+    codes_text, gallery = d.encode_image(PHOTO, seed=0, steps=1, samples=1)
+    assert d.tokenizer.variant == "seed1" and len(parse_codes(codes_text)) == 32 and len(gallery) == 2
+
+
+def test_chat_with_a_seed1_image_tokenizer_says_it_needs_seed2():
+    d = Demo(str(TINY), "tiny")
+    with pytest.raises(gr.Error, match="SEED-2"):
+        run_turn(d, new_state(), "What is this?", [PHOTO])
+
+
+@pytest.mark.parametrize("kind", ["text", "bomb", "empty"])
+def test_bad_uploads_are_a_message_naming_the_file(demo, bad_files, kind):
+    path, match = bad_files[kind]
+    with pytest.raises(gr.Error, match=match) as err:
+        demo.encode_image(str(path), seed=0, steps=STEPS, samples=1)
+    assert path.name in err.value.message and str(path.parent) not in err.value.message  # no server paths
+    state = new_state()
+    with pytest.raises(gr.Error, match=match):
+        run_turn(demo, state, "What is this?", [path])
+    assert state == new_state()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("1 2 3", r"expected 32 integers, got 3"), (" ".join(["5"] * 31 + ["8192"]), r"8192 \(code 32\) is outside"),
+    (" ".join(["-1"] * 32), r"-1 \(code 1\) is outside"), ("", "paste 32"),
+    (" ".join(["a"] * 32), "not an integer")])
+def test_bad_codes_are_a_message(demo, text, match):
+    with pytest.raises(gr.Error, match=match):
+        demo.decode_codes(text, seed=0, steps=STEPS, samples=1)
+
+
+def test_bad_settings_are_a_message(demo):
+    with pytest.raises(gr.Error, match="steps"):
+        demo.decode_codes(" ".join(["1"] * 32), seed=0, steps=1.5, samples=1)
+    with pytest.raises(gr.Error, match="samples"):
+        demo.decode_codes(" ".join(["1"] * 32), seed=0, steps=1, samples=9)
+    with pytest.raises(gr.Error, match="upload an image"):
+        demo.encode_image(None, seed=0, steps=1, samples=1)
+
+
+def test_chat_turn_with_an_image_keeps_its_codes_in_the_history(demo):
+    outs = run_turn(demo, new_state(), "What is this animal?", [PHOTO])
+    assert outs[0][0][-1]["metadata"]["status"] == "pending"  # the turn shows at once, then the reply streams
+    streamed = [o[0][-1]["content"] for o in outs[1:-1]]
+    assert len(streamed) >= 2 and all(isinstance(t, str) and t for t in streamed)
+    assert all(len(a) <= len(b) for a, b in zip(streamed, streamed[1:]))  # growing
+    messages, state, _, _ = outs[-1]
+    assert messages[0]["content"] == {"path": PHOTO} and messages[1]["content"] == "What is this animal?"
+    assert messages[-1]["role"] == "assistant"
+    (turn,) = state["turns"]
+    image, text = turn["user"]["content"]
+    assert image["codes"] == demo.tokenizer.encode([PHOTO])[0].tolist() and text == "What is this animal?"
+    assert turn["assistant"]["role"] == "assistant"
+
+
+def test_force_image_shows_the_image_its_codes_and_a_download(demo):
+    state = run_turn(demo, new_state(), "Hello")[-1][1]
+    with pytest.raises(gr.Error, match="an image takes 33 new tokens"):
+        run_turn(demo, state, "Draw a cat.", force_image=True, max_new_tokens=32)
+    outs = run_turn(demo, state, "Draw a cat.", force_image=True, max_new_tokens=40)
+    messages, state, _, images = outs[-1]
+    assert any(m.get("metadata", {}).get("title") == "drawing" for m in outs[-2][0])  # decoding showed progress
+    assert len(state["turns"]) == 2 and len(images) >= 1
+    shown_images = [m["content"]["path"] for m in messages if isinstance(m["content"], dict)]
+    assert shown_images == images
+    codes_msgs = [m for m in messages if m.get("metadata", {}).get("title", "").startswith("codes of image 1")]
+    codes = parse_codes(codes_msgs[0]["content"])
+    assert codes == state["turns"][1]["assistant"]["content"][0].tolist()
+    decoded = demo.pipe.decode_images(torch.tensor([codes]), seed=0, steps=STEPS)[0]
+    assert np.array_equal(np.asarray(decoded), np.asarray(Image.open(images[0]).convert("RGB")))
+
+
+def test_malformed_spans_are_shown_not_raised(demo):
+    messages = run_turn(demo, new_state(), "Say anything.", constrain=False, max_new_tokens=40)[-1][0]
+    assert any("malformed image span" in s for s in shown(messages))
+
+
+def test_empty_message_and_failures_leave_the_conversation_as_it_was(demo, monkeypatch):
+    state = run_turn(demo, new_state(), "Hi")[-1][1]
+    with pytest.raises(gr.Error, match="empty"):
+        run_turn(demo, state, "   ")
+    with pytest.raises(gr.Error, match="max new tokens"):
+        run_turn(demo, state, "Hi", max_new_tokens=0)
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(demo.pipe, "chat", broken)
+    with pytest.raises(gr.Error, match="Something went wrong.*out of memory") as err:
+        outs = []
+        for out in demo.chat({"text": "Hi again", "files": []}, state, seed=0, steps=STEPS, max_new_tokens=8):
+            outs.append(out)
+    assert "Traceback" not in err.value.message
+    assert outs[-1][0] == shown_display(state) and outs[-1][1] is state  # the page is restored
+    assert outs[-1][2]["value"] == {"text": "Hi again", "files": []}  # the message is given back
+    monkeypatch.undo()
+    assert len(run_turn(demo, state, "Hi again")[-1][1]["turns"]) == 2
+
+
+def shown_display(state: dict) -> list[dict]:
+    return [m for t in state["turns"] for m in t["display"]]
+
+
+def test_undo_and_clear(demo):
+    state = run_turn(demo, new_state(), "One")[-1][1]
+    state = run_turn(demo, state, "Two", force_image=True, max_new_tokens=40)[-1][1]
+    messages, undone, images = Demo.undo(state)
+    assert len(undone["turns"]) == 1 and images == [] and messages == state["turns"][0]["display"]
+    assert len(state["turns"]) == 2  # the old state is not changed in place
+    assert Demo.clear() == ([], new_state(), [])
+    assert Demo.undo(new_state())[1] == new_state()
+
+
+def test_the_page_builds_with_both_tabs_and_the_notice(demo):
+    page = demo.build()
+    config = page.get_config_file()
+    labels = {c["props"].get("label") for c in config["components"]}
+    ids = {c["props"].get("elem_id") for c in config["components"]}
+    assert {"chatbot", "chat-input", "force", "codes", "tok-upload", "random-notice"} <= ids
+    assert {"Chat", "Tokenizer"} <= labels
+    limits = {(f.name, f.concurrency_id, f.concurrency_limit) for f in page.fns.values() if f.queue}
+    assert limits == {("chat", "chat", 1), ("encode_image", "tokenizer", 2), ("decode_codes", "tokenizer", 2)}

@@ -22,18 +22,15 @@ import random
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TOKENIZER = ROOT / "tests" / "data" / "parity" / "llama_train" / "llama-train-tiny" / "tokenizer"
 WORDS = ("a the dog cat man woman red blue green small large old young street table bowl fruit sitting "
          "running on in with near under beside holding looking at river beach city market camera photo").split()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
-                    help="an HF tokenizer folder with the image tokens (default: the tiny parity fixture's)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="an HF tokenizer folder with the image tokens (default: seed's tiny one)")
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=116, help="global micro-batch (the original's cc3m source: 116)")
     ap.add_argument("--max-length", type=int, default=200, help="sequence length (the original's cc3m source: 200)")
@@ -45,10 +42,12 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from seed.llama import TINY_LLAMA_TOKENIZER
     from seed.training.llm.data import LlmData, Source, read_file
     from seed.training.llm.format import FORMATTERS, SampleEncoder, collate
 
     torch.set_num_threads(1)
+    args.tokenizer = str(args.tokenizer or TINY_LLAMA_TOKENIZER)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     rnd = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:

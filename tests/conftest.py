@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny config, the parity fixture, real photos."""
+"""Shared fixtures: the tiny config, the parity fixture, real photos, the evaluation stand-ins
+(a tiny random CLIP with a real tiny tokenizer, a tiny Inception-like feature module)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import seed
 
@@ -24,6 +27,7 @@ PHOTOS = sorted((DATA / "images").glob("*.png"))
 def fixtures(kind: str) -> list[Path]:
     """Every fixture folder of a kind (``tests/data/parity/<kind>/*`` holding a spec.json)."""
     return sorted(p for p in (PARITY_ROOT / kind).glob("*") if (p / "spec.json").is_file())
+
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -107,23 +111,59 @@ def seed2_tokenizer(fixture: Path, *extra: str, **files) -> seed.Tokenizer:
     return seed.Tokenizer.from_config(seed.load_config(TINY2, *seed2_overrides(fixture, **files), *extra), device="cpu")
 
 
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory):
-    """A random CLIP with 32 x 32 inputs, saved as a transformers folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+WORDS = ["a", "an", "the", "cat", "camera", "coffee", "cup", "man", "dog", "photo", "of", "with", "on", "red"]
 
-    folder = tmp_path_factory.mktemp("tiny-clip")
+
+@pytest.fixture(scope="session")
+def tiny_clip_with_tokenizer(tmp_path_factory):
+    """A random CLIP (32 x 32 images, 16-d projections) with a word-level tokenizer that adds
+    <|startoftext|> ... <|endoftext|> as CLIP's does, saved as a transformers folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-clip-tok")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "[UNK]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>",
+                                                      special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>", unk_token="[UNK]").save_pretrained(folder)
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=1),
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
                            num_hidden_layers=2, num_attention_heads=2),
         projection_dim=16)
     CLIPModel(cfg).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+class TinyFeatures(nn.Module):
+    """A tiny random feature extractor standing in for InceptionV3: uint8 [N,3,H,W] -> float [N,6]."""
+
+    num_features = 6
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.proj = nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.adaptive_avg_pool2d(x.float() / 255, 2).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is much faster than two when the CPUs are shared (OpenMP spin).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def run_in_threads(run, jobs: list[tuple], threads: int = 4) -> tuple[dict, list[str]]:

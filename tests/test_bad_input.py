@@ -149,10 +149,10 @@ def test_every_pillow_mode_gives_codes(parity_tok, tmp_path):
         if fmt:  # also through a real file, reopened in the same mode
             path = tmp_path / f"{mode}.{fmt}"
             img.save(path)
-            assert Image.open(path).mode == mode
-            paths.append(path)
-        else:  # modes no common format stores: as PIL images
-            paths.append(img)
+            if Image.open(path).mode == mode:  # (Pillow < 13 reopens a YCbCr TIFF as RGB)
+                paths.append(path)
+                continue
+        paths.append(img)  # modes no common format stores (in this Pillow): as PIL images
     codes = parity_tok.encode(paths)
     assert codes.shape == (len(paths), 32) and codes.dtype == torch.int64
     assert ((codes >= 0) & (codes < 8192)).all()

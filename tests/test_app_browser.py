@@ -31,6 +31,8 @@ expect = sync_api.expect
 
 CHROMIUM = next((p for p in (os.environ.get("SEED_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium",
                              shutil.which("chromium-browser")) if p and Path(p).is_file()), None)
+if CHROMIUM is None and os.environ.get("CI"):  # CI runs them for real: .ci/run installs Debian's chromium
+    raise RuntimeError("the browser tests need Chromium in CI: .ci/run installs it (apt-get install chromium)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium for the browser tests: "
                                 "`apt-get install chromium` (Debian/Ubuntu), or set SEED_CHROMIUM=/path/to/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -140,22 +140,9 @@ class Demo:
         return self._tokenizer
 
     def _load_tokenizer(self) -> Tokenizer:
-        from omegaconf import DictConfig
-
-        from .config import load_config, resolve_path
         from .tokenizer import Tokenizer
 
-        spec = self._image_tokenizer_spec
-        if isinstance(spec, Tokenizer):
-            return spec
-        if isinstance(spec, DictConfig):
-            return Tokenizer.from_config(spec)
-        path = resolve_path(spec)
-        if path.is_dir():
-            return Tokenizer.from_pretrained(path)
-        if path.suffix in (".yaml", ".yml") or "/" not in str(spec):
-            return Tokenizer.from_config(load_config(spec))
-        return Tokenizer.from_pretrained(str(spec))
+        return Tokenizer.load(self._image_tokenizer_spec)
 
     @property
     def random_notice(self) -> str | None:

@@ -720,22 +720,10 @@ def _image_tokenizer_loader(spec: Any) -> Any:
     """A `seed.Tokenizer` as is; a config (name, YAML path, DictConfig) or folder / Hub id -> a loader."""
     from omegaconf import DictConfig
 
-    if isinstance(spec, DictConfig):
-        def from_cfg() -> Tokenizer:
-            from .tokenizer import Tokenizer
-
-            return Tokenizer.from_config(spec)
-        return from_cfg
-    if isinstance(spec, (str, Path)):
+    if isinstance(spec, (DictConfig, str, Path)):
         def load() -> Tokenizer:
-            from .config import load_config, resolve_path
             from .tokenizer import Tokenizer
 
-            p = resolve_path(spec)
-            if p.is_dir():
-                return Tokenizer.from_pretrained(p)
-            if p.suffix in (".yaml", ".yml") or "/" not in str(spec):
-                return Tokenizer.from_config(load_config(spec))
-            return Tokenizer.from_pretrained(str(spec))
+            return Tokenizer.load(spec)
         return load
     return spec

@@ -124,6 +124,25 @@ class Tokenizer(nn.Module):
         hub.load_weights(tok, folder)
         return tok._ready(device, dtype)
 
+    @classmethod
+    def load(cls, spec: Tokenizer | DictConfig | str | Path, *overrides: str) -> Tokenizer:
+        """A tokenizer from whatever names one: a `Tokenizer` (returned as is), a config
+        (`DictConfig`, a YAML path or a shipped config name such as ``"seed2_tokenizer"``, with
+        ``overrides``), a `save_pretrained` folder, or else a Hugging Face Hub repo id.
+        The default device and dtype, as `from_config`."""
+        from .config import load_config, resolve_path
+
+        path = None if isinstance(spec, (Tokenizer, DictConfig)) else resolve_path(spec)
+        if path is not None and not path.is_dir() and (path.suffix in (".yaml", ".yml") or "/" not in str(spec)):
+            return cls.from_config(load_config(spec, *overrides))
+        if overrides:
+            raise InputError(f"key=value overrides apply to a config name or YAML file, not to {spec!r}")
+        if isinstance(spec, Tokenizer):
+            return spec
+        if isinstance(spec, DictConfig):
+            return cls.from_config(spec)
+        return cls.from_pretrained(path if path.is_dir() else str(spec))
+
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``config.yaml`` and ``model.safetensors`` (our key names, each weight in the dtype it
         has in memory: see `seed.hub.save`) into ``folder``.

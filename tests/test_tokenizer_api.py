@@ -194,3 +194,15 @@ def test_repr_is_a_short_summary(parity_tok):
     r = repr(parity_tok)
     assert len(r) < 300 and "\n" not in r
     assert "seed1" in r and "codebook 8192x32" in r and "device=cpu" in r and "float32" in r
+
+
+def test_load_takes_whatever_names_a_tokenizer(parity_tok, parity_cfg, paths, tmp_path):
+    """`Tokenizer.load`: a tokenizer, a config, a save_pretrained folder; overrides only with a config."""
+    assert seed.Tokenizer.load(parity_tok) is parity_tok
+    want = parity_tok.encode(paths)
+    parity_tok.save_pretrained(tmp_path / "saved")
+    assert torch.equal(seed.Tokenizer.load(tmp_path / "saved").encode(paths), want)
+    assert torch.equal(seed.Tokenizer.load(parity_cfg).encode(paths), want)
+    assert seed.Tokenizer.load(TINY, "model.image_size=28").cfg.model.image_size == 28
+    with pytest.raises(seed.InputError, match="overrides"):
+        seed.Tokenizer.load(tmp_path / "saved", "model.image_size=28")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,34 @@ def _open(batch: Sequence[Example]) -> tuple[list[Example], list[Any], list[dict
         except Exception as e:  # noqa: BLE001 - one bad file never stops the run
             errors.append({"id": ex.id, "error": f"{ex.id}: {type(e).__name__}: {e}"})
     return good, images, errors
+
+
+def _each_batch(run: Run, desc: str, batch_size: int, work: Callable[[Sequence[Example]], list[dict]]) -> list[dict] | None:
+    """``work`` over this process's remaining items, a batch at a time, each batch's rows written as
+    it finishes (what makes a killed run resume), with a progress bar; then every rank's rows in
+    dataset order on rank 0, None on the others."""
+    bar = _bar(len(run.todo), run, desc)
+    for batch in _batches(run.todo, batch_size):
+        run.write(work(batch))
+        bar.update(len(batch))
+    bar.close()
+    return run.gather()
+
+
+def _on_images(work: Callable[[list[Example], list[Any]], list[dict]]) -> Callable[[Sequence[Example]], list[dict]]:
+    """A batch's images opened (`_open`): ``work(examples, images)`` on those that open, error rows for the rest."""
+    def run_batch(batch: Sequence[Example]) -> list[dict]:
+        good, images, rows = _open(batch)
+        return rows + (work(good, images) if good else [])
+    return run_batch
+
+
+def _readable(rows: list[dict], task: str) -> list[dict]:
+    """The rows without an error; none is an `InputError`."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        raise InputError(f"{task}: no item could be read or generated")
+    return ok
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -129,27 +157,24 @@ def reconstruction(tok, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
     settings = {"decode": {**OmegaConf.to_container(tok.cfg.diffusion, resolve=True), **decode},
                 "clip": clip.name if clip else None}
     with Run(out, "reconstruction", data, fingerprint or {}, settings, progress=progress) as run:
-        bar = _bar(len(run.todo), run, "reconstruction")
-        for batch in _batches(run.todo, batch_size):
-            good, images, rows = _open(batch)
-            if good:
-                recons = tok.reconstruct(images, **decode)
-                k = len(recons) // len(good)
-                sims = [None] * len(good)
-                if clip is not None:
-                    a, b = clip.image_features(images), clip.image_features(recons)
-                    sims = (b.view(len(good), k, -1) * a[:, None]).sum(-1).mean(1).tolist()
-                for i, ex in enumerate(good):
-                    paths = []
-                    for j, img in enumerate(recons[i * k:(i + 1) * k]):
-                        p = run.image_path(ex.id, j)
-                        img.save(p)
-                        paths.append(_relative(run, p))
-                    rows.append({"id": ex.id, "clip_i": sims[i], "images": paths})
-            run.write(rows)
-            bar.update(len(batch))
-        bar.close()
-        rows = run.gather()
+        def work(good: list[Example], images: list[Any]) -> list[dict]:
+            recons = tok.reconstruct(images, **decode)
+            k = len(recons) // len(good)
+            sims = [None] * len(good)
+            if clip is not None:
+                a, b = clip.image_features(images), clip.image_features(recons)
+                sims = (b.view(len(good), k, -1) * a[:, None]).sum(-1).mean(1).tolist()
+            rows = []
+            for i, ex in enumerate(good):
+                paths = []
+                for j, img in enumerate(recons[i * k:(i + 1) * k]):
+                    p = run.image_path(ex.id, j)
+                    img.save(p)
+                    paths.append(_relative(run, p))
+                rows.append({"id": ex.id, "clip_i": sims[i], "images": paths})
+            return rows
+
+        rows = _each_batch(run, "reconstruction", batch_size, _on_images(work))
         if rows is None:
             return None
         metrics: dict[str, Any] = {}
@@ -210,18 +235,13 @@ def codebook(out: str | os.PathLike, *, codes_folder: str | os.PathLike | None =
         raise InputError("codebook: give a tokenize_dataset.py output folder, or a tokenizer and images")
     size = codebook_size or size
     with Run(out, "codebook", data, fingerprint or {}, {"codebook_size": size}, progress=progress) as run:
-        bar = _bar(len(run.todo), run, "codebook")
-        for batch in _batches(run.todo, batch_size):
-            if known:
-                rows = [{"id": ex.id, "codes": known[ex.id]} for ex in batch]
-            else:
-                good, images, rows = _open(batch)
-                if good:
-                    rows += [{"id": ex.id, "codes": c} for ex, c in zip(good, tok.encode(images).tolist())]
-            run.write(rows)
-            bar.update(len(batch))
-        bar.close()
-        rows = run.gather()
+        def encode(good: list[Example], images: list[Any]) -> list[dict]:
+            return [{"id": ex.id, "codes": c} for ex, c in zip(good, tok.encode(images).tolist())]
+
+        def stored(batch: Sequence[Example]) -> list[dict]:
+            return [{"id": ex.id, "codes": known[ex.id]} for ex in batch]
+
+        rows = _each_batch(run, "codebook", batch_size, stored if known else _on_images(encode))
         if rows is None:
             return None
         import torch
@@ -306,27 +326,20 @@ def retrieval(model, data: Dataset, out: str | os.PathLike, *, batch_size: int =
     resample = model.model_cfg.get("image_resample", "bicubic")
     settings = {"ks": list(ks), "image_size": size, "resample": resample, "caption": "clean_caption (training)"}
     with Run(out, "retrieval", data, fingerprint or {}, settings, progress=progress) as run:
-        bar = _bar(len(run.todo), run, "retrieval")
-        for batch in _batches(run.todo, batch_size):
-            good, images, rows = _open(batch)
-            if good:
-                px = torch.stack([preprocess_image(im, size, resample) for im in images])
-                caps = [clean_caption(c) for ex in good for c in ex.captions]
-                img, txt = stage1_features(model, px, caps)
-                at = 0
-                for i, ex in enumerate(good):
-                    n = len(ex.captions)
-                    rows.append({"id": ex.id, "image_feat": img[i].tolist(), "text_feats": txt[at:at + n].tolist()})
-                    at += n
-            run.write(rows)
-            bar.update(len(batch))
-        bar.close()
-        rows = run.gather()
+        def work(good: list[Example], images: list[Any]) -> list[dict]:
+            px = torch.stack([preprocess_image(im, size, resample) for im in images])
+            img, txt = stage1_features(model, px, [clean_caption(c) for ex in good for c in ex.captions])
+            rows, at = [], 0
+            for i, ex in enumerate(good):
+                n = len(ex.captions)
+                rows.append({"id": ex.id, "image_feat": img[i].tolist(), "text_feats": txt[at:at + n].tolist()})
+                at += n
+            return rows
+
+        rows = _each_batch(run, "retrieval", batch_size, _on_images(work))
         if rows is None:
             return None
-        ok = [r for r in rows if "error" not in r]
-        if not ok:
-            raise InputError("retrieval: no image could be read")
+        ok = _readable(rows, "retrieval")
         img = torch.tensor([r["image_feat"] for r in ok])
         txt = torch.tensor([t for r in ok for t in r["text_feats"]])
         owner = [i for i, r in enumerate(ok) for _ in r["text_feats"]]
@@ -387,8 +400,8 @@ def text_to_image(pipe, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
                 if run.main:
                     _write_json_atomic(neg_file, {"codes": neg.tolist()})
             decode["negative_codes"] = neg
-        bar = _bar(len(run.todo), run, "t2i")
-        for batch in _batches(run.todo, batch_size):
+
+        def work(batch: Sequence[Example]) -> list[dict]:
             replies = pipe.generate([ex.captions[0] for ex in batch], force_image=True, template=template,
                                     decode=decode, seed=seed, **generation)
             rows, made = [], []
@@ -414,10 +427,9 @@ def text_to_image(pipe, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
                         except InputError as e:
                             row["reference_error"] = str(e)
                 rows.append(row)
-            run.write(rows)
-            bar.update(len(batch))
-        bar.close()
-        rows = run.gather()
+            return rows
+
+        rows = _each_batch(run, "t2i", batch_size, work)
         if rows is None:
             return None
         ok = [r for r in rows if "error" not in r]
@@ -450,25 +462,22 @@ def vqa(pipe, data: Dataset, out: str | os.PathLike, *, batch_size: int = 8, tem
     generation = {**VQA_GENERATION, **(generation or {})}
     settings = _llama_settings(pipe, template, generation, prompt=prompt, seed=seed)
     with Run(out, "vqa", data, fingerprint or {}, settings, progress=progress) as run:
-        bar = _bar(len(run.todo), run, "vqa")
-        for batch in _batches(run.todo, batch_size):
-            good, images, rows = _open(batch)
-            if good:
-                replies = pipe.generate([[im, prompt.format(question=ex.question)] for ex, im in zip(good, images)],
-                                        template=template, decode_images=False, seed=seed, **generation)
-                for ex, reply in zip(good, replies):
-                    answer = _answer(reply)
-                    row: dict[str, Any] = {"id": ex.id, "question": ex.question, "answer": answer}
-                    if ex.answers:
-                        norm = [normalize_answer(a) for a in ex.answers]
-                        common = max(sorted(set(norm)), key=norm.count)
-                        row.update(accuracy=vqa_accuracy(answer, ex.answers),
-                                   exact_match=float(normalize_answer(answer) == common))
-                    rows.append(row)
-            run.write(rows)
-            bar.update(len(batch))
-        bar.close()
-        rows = run.gather()
+        def work(good: list[Example], images: list[Any]) -> list[dict]:
+            replies = pipe.generate([[im, prompt.format(question=ex.question)] for ex, im in zip(good, images)],
+                                    template=template, decode_images=False, seed=seed, **generation)
+            rows = []
+            for ex, reply in zip(good, replies):
+                answer = _answer(reply)
+                row: dict[str, Any] = {"id": ex.id, "question": ex.question, "answer": answer}
+                if ex.answers:
+                    norm = [normalize_answer(a) for a in ex.answers]
+                    common = max(sorted(set(norm)), key=norm.count)
+                    row.update(accuracy=vqa_accuracy(answer, ex.answers),
+                               exact_match=float(normalize_answer(answer) == common))
+                rows.append(row)
+            return rows
+
+        rows = _each_batch(run, "vqa", batch_size, _on_images(work))
         if rows is None:
             return None
         metrics = {"vqa_accuracy": _mean([r.get("accuracy") for r in rows]),
@@ -490,22 +499,15 @@ def caption(pipe, data: Dataset, out: str | os.PathLike, *, batch_size: int = 8,
     generation = {**CAPTION_GENERATION, **(generation or {})}
     settings = _llama_settings(pipe, template, generation, prompt=prompt, seed=seed)
     with Run(out, "caption", data, fingerprint or {}, settings, progress=progress) as run:
-        bar = _bar(len(run.todo), run, "caption")
-        for batch in _batches(run.todo, batch_size):
-            good, images, rows = _open(batch)
-            if good:
-                replies = pipe.generate([[im, prompt] for im in images], template=template, decode_images=False,
-                                        seed=seed, **generation)
-                rows += [{"id": ex.id, "caption": _answer(r)} for ex, r in zip(good, replies)]
-            run.write(rows)
-            bar.update(len(batch))
-        bar.close()
-        rows = run.gather()
+        def work(good: list[Example], images: list[Any]) -> list[dict]:
+            replies = pipe.generate([[im, prompt] for im in images], template=template, decode_images=False,
+                                    seed=seed, **generation)
+            return [{"id": ex.id, "caption": _answer(r)} for ex, r in zip(good, replies)]
+
+        rows = _each_batch(run, "caption", batch_size, _on_images(work))
         if rows is None:
             return None
-        ok = [r for r in rows if "error" not in r]
-        if not ok:
-            raise InputError("caption: no image could be read")
+        ok = _readable(rows, "caption")
         by_id = {ex.id: ex for ex in data.examples}
         scores = caption_scores({r["id"]: r["caption"] for r in ok},
                                 {r["id"]: list(by_id[r["id"]].captions) for r in ok})

@@ -20,19 +20,7 @@ from ...config import load_config
 from ...errors import InputError
 from ..config import RunSection
 from .data import LlmDataConfig
-from .model import DTYPES, MODULES_TO_SAVE, TARGET_MODULES
-
-
-@dataclass
-class LoraConfig:
-    """``peft.LoraConfig`` values (``configs/model/vicuna_7b_lora.yaml``)."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
-    modules_to_save: list[str] = field(default_factory=lambda: list(MODULES_TO_SAVE))
-    """Trained in full next to LoRA (matched by name suffix: ``norm`` is every RMSNorm)."""
+from .model import DTYPES, LoraSettings
 
 
 @dataclass
@@ -57,7 +45,7 @@ class LlmModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "bfloat16"
     """Storage dtype of the frozen base weights (float32, bfloat16, float16); what trains is fp32."""
-    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)
+    lora: Optional[LoraSettings] = field(default_factory=LoraSettings)
     """LoRA settings; null: full fine-tuning (every parameter trains)."""
     gradient_checkpointing: bool = True
     init: Optional[str] = None

@@ -46,13 +46,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoraSettings:
-    """``peft.LoraConfig`` values; the defaults are the original's (``configs/model/vicuna_7b_lora.yaml``)."""
+    """``peft.LoraConfig`` values; the defaults are the original's (``configs/model/vicuna_7b_lora.yaml``).
+    Also the ``model.lora`` section of the training config."""
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
     modules_to_save: list[str] = field(default_factory=lambda: list(MODULES_TO_SAVE))
+    """Trained in full next to LoRA (matched by name suffix: ``norm`` is every RMSNorm)."""
 
 
 def load_base(path: str | os.PathLike, dtype: str = "float32") -> PreTrainedModel:

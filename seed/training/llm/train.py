@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ...errors import CheckpointError, InputError
 from ..run import Run, unwrap
@@ -76,9 +76,7 @@ def build(cfg: DictConfig, tokenizer: Any) -> torch.nn.Module:
     """The training model of ``cfg.model`` for ``tokenizer``, its random draws (new embedding
     rows, LoRA A) from ``train.seed`` (every rank the same; the global RNG is left as it was)."""
     m = cfg.model
-    lora = None if m.lora is None else M.LoraSettings(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                                                      target_modules=list(m.lora.target_modules),
-                                                      modules_to_save=list(m.lora.modules_to_save))
+    lora = None if m.lora is None else M.LoraSettings(**OmegaConf.to_container(m.lora, resolve=True))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         if m.base == "tiny":

@@ -280,7 +280,7 @@ def inception_modules(weights: str | os.PathLike) -> tuple[torch.nn.Module, torc
     if not path.is_file():
         raise CheckpointError(f"Inception weights not found: {path} (scripts/download_weights.py --model inception "
                               f"fetches {INCEPTION_FILE})")
-    try:  # torch-fidelity reads it with weights_only=False: check it holds tensors only first
+    try:  # torch-fidelity unpickles it in full: check first that it holds tensors only
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: not a plain InceptionV3 state dict ({type(e).__name__}: {e})") from None

@@ -18,8 +18,9 @@ overwrites another's files.
 a folder written by seed.Tokenizer.save_pretrained, or a Hugging Face Hub repo id (owner/name,
 downloaded on first use). Overrides of a config go last as key=value.
 
-Exit status: 0 done; 2 bad arguments (checked before any model loads), or a one-shot turn
-that failed (the error is printed).
+Exit status: 0 done; 2 bad arguments (checked before any model loads: a SEED-1 --image-tokenizer,
+--force-image with --max-new-tokens under 33...), an LM or tokenizer that cannot load (checked
+before any file is written), or a one-shot turn that failed (the error is printed).
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.load_in_8bit and args.load_in_4bit:
         p.error("--load-in-8bit and --load-in-4bit exclude each other")
+    if args.force_image and args.max_new_tokens < 33:
+        p.error(f"--force-image needs --max-new-tokens of at least 33 (32 image codes + </img>), "
+                f"got {args.max_new_tokens}")
     for path in args.image:
         if not Path(path).is_file():
             p.error(f"--image {path}: no such file")
@@ -123,13 +127,25 @@ def image_tokenizer_source(name: str, overrides: list[str]) -> Any:
     A folder (``seed.Tokenizer.save_pretrained``) -> its `Path`; a config file or shipped config
     name -> the loaded `DictConfig` with ``overrides`` applied; else a Hub repo id (``owner/name``,
     whose first part is not a local folder) -> the id as a str, which `SeedLlama` downloads on
-    first use. Anything else, or overrides with a folder or Hub id, is an `InputError`.
+    first use. Anything else, overrides with a folder or Hub id, or a SEED-1 config or folder
+    (``model.decoder.head`` not ``image``) is an `InputError`.
     """
+    from omegaconf import OmegaConf
+
     from seed import InputError, load_config
     from seed.config import SHIPPED_CONFIGS, find_config, resolve_path
 
+    def seed2(cfg: Any, what: str) -> Any:
+        head = OmegaConf.select(cfg, "model.decoder.head", default="reverse_qformer")
+        if head != "image":
+            raise InputError(f"--image-tokenizer {name}: {what} is a SEED-1 tokenizer (model.decoder.head={head}); "
+                             "SEED-LLaMA speaks SEED-2 codes: use a SEED-2 config such as seed2_tokenizer")
+        return cfg
+
     path = resolve_path(name)
     kind = "a saved folder" if path.is_dir() else None
+    if kind and (path / "config.yaml").is_file():
+        seed2(OmegaConf.load(path / "config.yaml"), "its config.yaml")
     if kind is None:
         try:
             find_config(name)
@@ -144,7 +160,7 @@ def image_tokenizer_source(name: str, overrides: list[str]) -> Any:
                     f" Shipped configs: {', '.join(shipped)}") from None
             kind = "a Hub repo id"
         else:
-            return load_config(name, *overrides)
+            return seed2(load_config(name, *overrides), "this config")
     if overrides:
         raise InputError(f"--image-tokenizer {name} is {kind}: key=value overrides apply to a config "
                          f"(name or YAML) only, got {' '.join(overrides)}")
@@ -261,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                                          constrain_images=not args.no_constraint, torch_dtype=dtype,
                                          device_map=args.device_map, load_in_8bit=args.load_in_8bit,
                                          load_in_4bit=args.load_in_4bit)
+        _ = pipe.model  # loads the LM now: a broken checkpoint stops here, before any file is written
     except (ImportError, CheckpointError, InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import numbers
 import os
 import re
 import threading
@@ -70,13 +71,18 @@ TINY_LLAMA: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_h
                               "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False}
 """``LlamaConfig`` keyword arguments of the tiny random LLaMA (``vocab_size``: the tokenizer's)."""
 
+_RNG_LOCK = threading.RLock()
+"""Held around every ``model.generate`` of `SeedLlama.generate` (and `tiny_llama`'s seeded init): torch's
+RNG is process-global, so a seeded call must not interleave with another draw, nor an unseeded one with
+a seeded call's restore. Concurrent generate calls therefore run one at a time."""
+
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> PreTrainedModel:
     """A tiny random ``LlamaForCausalLM`` (`TINY_LLAMA`, fp32, ~0.6M parameters), the same for the same
     ``seed`` and ``vocab_size``; the global RNG is left as it was."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    with torch.random.fork_rng(devices=[]):
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):  # no seeded generate in another thread meanwhile
         torch.manual_seed(seed)
         return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **TINY_LLAMA)).eval()
 
@@ -88,18 +94,33 @@ def _installed(module: str) -> bool:
         return False
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+_PASS_TOKENIZER = (f"pass the LM's tokenizer with tokenizer= (the script: --tokenizer); SEED-LLaMA's is "
+                   f"{SEED_LLAMA_TOKENIZER} (--tokenizer {SEED_LLAMA_TOKENIZER})")
+
+
 def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(source)``; a SentencePiece folder without sentencepiece or
-    protobuf installed is a clear ImportError (transformers would blame tiktoken)."""
+    protobuf installed is a clear ImportError (transformers would blame tiktoken); a folder without
+    tokenizer files, or one transformers cannot read, is a `CheckpointError` naming it."""
     from transformers import AutoTokenizer
 
     folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise CheckpointError(f"tokenizer: {folder} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}): "
+                              + _PASS_TOKENIZER)
     if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
         missing = [m for m in ("sentencepiece", "google.protobuf") if not _installed(m)]
         if missing:
             raise ImportError(f"the tokenizer in {folder} is a SentencePiece model (tokenizer.model): it needs "
                               "sentencepiece and protobuf: pip install sentencepiece protobuf")
-    return AutoTokenizer.from_pretrained(str(source))
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as e:  # ImportError is neither: a missing package stays an ImportError
+        if "sentencepiece or tiktoken" in str(e):  # transformers found no vocabulary it can read
+            e = f"no tokenizer.json, and no vocabulary transformers can convert; {_PASS_TOKENIZER}"
+        raise CheckpointError(f"tokenizer: cannot load a tokenizer from {source}: {e}") from None
 
 
 _TYPED_IMAGE_TOKEN = re.compile(re.escape(BOI) + "|" + re.escape(EOI) + r"|<img_\d{5}>")
@@ -482,7 +503,12 @@ class SeedLlama:
             if device_map is not None or quantized:
                 kwargs["device_map"] = device_map if device_map is not None else "auto"
             logger.info("loading the LM from %s (%s)", llm_name, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
-            model = AutoModelForCausalLM.from_pretrained(str(llm_name), **kwargs)
+            from safetensors import SafetensorError
+
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(llm_name), **kwargs)
+            except (OSError, ValueError, SafetensorError) as e:  # ImportError (a missing package) stays
+                raise CheckpointError(f"llm: cannot load the LM from {llm_name}: {e}") from None
             return model if "device_map" in kwargs else model.to(device)
 
         return cls(load_model, tokenizer, image_tokenizer, template=template, system=system,
@@ -554,8 +580,9 @@ class SeedLlama:
                                    "as the original does", i, role, _TYPED_IMAGE_TOKEN.search(typed[0]).group())
             msgs = [(r, "".join(p if isinstance(p, str) else llm.codes_to_text(p.codes)[0] for p in parts))
                     for r, parts in conv]
+            own_system = msgs[0][0] == "system"  # even an empty one: it means no system prompt
             msgs = [(r, c) for r, c in msgs if r != "system" or c]  # the original skips an empty system prompt
-            if system and msgs[0][0] != "system":
+            if system and not own_system:
                 msgs.insert(0, ("system", system))
             out.append(render(msgs, template or self.template, self.tokenizer, force))
         return out
@@ -577,7 +604,10 @@ class SeedLlama:
     # ----------------------------------------------------------------------- generation
 
     def chat(self, conversation: Conversation, **kwargs: Any) -> Reply:
-        """One conversation -> its `Reply`. ``kwargs`` as `generate`."""
+        """One conversation -> its `Reply` (a lone message dict is a one-message conversation).
+        ``kwargs`` as `generate`."""
+        if _is_message(conversation):
+            conversation = [conversation]
         return self.generate([conversation], **kwargs)[0]
 
     def generate(self, conversations: Sequence[Conversation], *, force_image: bool | Sequence[bool] = False,
@@ -597,6 +627,13 @@ class SeedLlama:
         ``guidance_scale``, ``height``, ``width``, ``scheduler``, ``seed``); ``decode_images=False``
         leaves generated images as codes. With ``num_return_sequences=n``, replies ``i*n .. i*n+n-1``
         answer conversation ``i``.
+
+        Checked before anything generates (`InputError`): ``seed`` an int in [0, 2**63); a forced image
+        needs room for 33 new tokens (32 codes + ``</img>``); ``max_new_tokens`` >= 1, ``max_length``
+        past the prompt, ``temperature`` > 0 when sampling, ``num_return_sequences`` > 1 only with
+        sampling or as many beams; other settings transformers rejects by name are `InputError` too.
+        torch's RNG is process-wide, so ``model.generate`` runs one call at a time (concurrent calls
+        from several threads are serialized) and a seeded call repeats whatever other threads do.
         """
         from transformers import LogitsProcessorList
 
@@ -609,27 +646,36 @@ class SeedLlama:
         if reserved:
             raise InputError(f"generate makes {', '.join(reserved)} from the conversations itself: do not pass "
                              "them (call pipe.model.generate for ids of your own)")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+                raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+            seed = int(seed)
         if not conversations:
             return []
-        forces = _per_row(force_image, len(conversations), "force_image")
-        enc = self.prompt_ids(conversations, force_image=forces, template=template, system=system)
-        # A prompt ending in <img> (forced, or a raw prompt "caption<img>") is answered by an image.
-        forces = [f or bool(row[-1] == self.image_ids.boi) for f, row in zip(forces, enc["input_ids"].tolist())]
         settings = {"pad_token_id": self.tokenizer.pad_token_id, **DEFAULT_GENERATION, **generation}
         if not settings.get("do_sample"):
             for k in ("temperature", "top_p"):  # unused without sampling: keep generate from warning
                 if k not in generation:
                     settings.pop(k, None)
+        _check_settings(settings)
+        forces = _per_row(force_image, len(conversations), "force_image")
+        enc = self.prompt_ids(conversations, force_image=forces, template=template, system=system)
+        # A prompt ending in <img> (forced, or a raw prompt "caption<img>") is answered by an image.
+        forces = [f or bool(row[-1] == self.image_ids.boi) for f, row in zip(forces, enc["input_ids"].tolist())]
         model = self.model
         length = enc["input_ids"].shape[1]
+        longest = int(enc["attention_mask"].sum(dim=1).argmax())
         if "max_length" in generation and "max_new_tokens" not in generation:
             settings.pop("max_new_tokens")
-            max_length = int(generation["max_length"])
+            max_length = generation["max_length"]
+            if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length <= length:
+                raise InputError(f"max_length={max_length!r} leaves no room for new tokens: conversation {longest}'s "
+                                 f"prompt is {length} tokens (use max_new_tokens)")
+            max_length = int(max_length)
         else:
             max_length = length + int(settings["max_new_tokens"])
         context = _context_length(model)
         if context is not None:
-            longest = int(enc["attention_mask"].sum(dim=1).argmax())
             if length >= context:
                 raise InputError(f"conversation {longest} is {length} tokens long; the LM reads at most {context} "
                                  "(its config's max positions): shorten it or leave out old turns")
@@ -639,6 +685,13 @@ class SeedLlama:
                 settings.pop("max_length", None)
                 settings["max_new_tokens"] = context - length
                 max_length = context
+        room, needed = max_length - length, NUM_IMAGE_TOKENS + 1  # the prompt holds <img>: 32 codes + </img>
+        short = [i for i, f in enumerate(forces) if f]
+        if short and room < needed:
+            limit = "the LM's context" if context is not None and max_length == context else "max_new_tokens"
+            raise InputError(f"conversation {short[0]} starts the answer with <img>, which needs {needed} new tokens "
+                             f"(32 codes + </img>), but {limit} allows {room}: raise max_new_tokens (or max_length) "
+                             "or shorten the prompt")
         processors = LogitsProcessorList(logits_processor or [])
         constrain = self.constrain_images if constrain_images is None else constrain_images
         if constrain:
@@ -646,12 +699,19 @@ class SeedLlama:
         device = model.device
         inputs = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
                   "logits_processor": processors}
-        if seed is None:  # unseeded: the global RNG draws (and moves on), so calls differ
-            out = model.generate(**inputs, **settings)
-        else:  # seeded: repeatable, and the global RNG is left as it was
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                out = model.generate(**inputs, **settings)
+        try:
+            with _RNG_LOCK:  # torch's RNG is process-wide: one generate at a time (see _RNG_LOCK)
+                if seed is None:  # unseeded: the global RNG draws (and moves on), so calls differ
+                    out = model.generate(**inputs, **settings)
+                else:  # seeded: repeatable, and the global RNG is left as it was
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        torch.manual_seed(seed)
+                        out = model.generate(**inputs, **settings)
+        except ValueError as e:  # transformers' check of the settings, if it names one we were given
+            named = [k for k in generation if re.search(rf"\b{re.escape(k)}\b", str(e))]
+            if not named:
+                raise
+            raise InputError(f"generation settings ({', '.join(named)}): {e}") from None
         new = out[:, length:].cpu()
         eos = _eos_ids(model, self.tokenizer)
         per_prompt = new.shape[0] // len(forces)  # num_return_sequences: consecutive rows per conversation
@@ -679,6 +739,28 @@ class SeedLlama:
         images = iter(self.decode_images(torch.stack(codes), **settings))
         for r in replies:
             r.parts = [next(images) if isinstance(p, torch.Tensor) else p for p in r.parts]
+
+
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    """The common bad generation settings, as `InputError` before anything runs: ``max_new_tokens`` < 1,
+    ``temperature`` <= 0 when sampling, ``num_return_sequences`` > 1 that neither sampling nor enough
+    beams can give."""
+    def integer(key: str, low: int) -> int | None:
+        v = settings.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low):
+            raise InputError(f"{key} must be an integer >= {low}, got {v!r}")
+        return v
+
+    integer("max_new_tokens", 1)
+    beams, n = integer("num_beams", 1) or 1, integer("num_return_sequences", 1) or 1
+    sampling = bool(settings.get("do_sample"))
+    t = settings.get("temperature")
+    if sampling and t is not None and not (isinstance(t, numbers.Real) and 0 < t < float("inf")):
+        raise InputError(f"temperature must be a positive number when sampling, got {t!r} (do_sample=False "
+                         "for greedy decoding)")
+    if n > 1 and not sampling and n > beams:
+        raise InputError(f"num_return_sequences={n} needs sampling (do_sample=True) or at least as many beams "
+                         f"(num_beams={beams})")
 
 
 def _per_row(value: bool | Sequence[bool], n: int, name: str) -> list[bool]:

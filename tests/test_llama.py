@@ -500,3 +500,123 @@ def test_empty_system_is_no_system_and_14b_picks_llama2(tiny):
     for name, template in [("AILab-CVC/seed-llama-14b-sft", "llama2"), ("AILab-CVC/seed-llama-8b-sft", "vicuna")]:
         pipe = SeedLlama.from_pretrained(name, tokenizer=tiny.tokenizer)  # the LM would load on first use only
         assert pipe.template == template and pipe._model is None and not pipe.random_weights
+
+
+# --------------------------------------------------------------------------- review r1: loading, limits, threads
+
+
+def copy_folder(src: Path, dst: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name not in leave_out:
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_broken_lm_folder_is_a_checkpoint_error_naming_it(llm_folder, tmp_path):
+    """A truncated or missing model.safetensors fails on first use (the LM loads lazily) with a
+    CheckpointError naming the folder; a folder without tokenizer files says to pass --tokenizer."""
+    truncated = copy_folder(llm_folder, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    no_weights = copy_folder(llm_folder, tmp_path / "no-weights", leave_out=("model.safetensors",))
+    for folder in (truncated, no_weights):
+        pipe = SeedLlama.from_pretrained(folder, image_tokenizer="seed2_tiny")
+        with pytest.raises(CheckpointError, match=f"cannot load the LM from {folder}"):
+            _ = pipe.model
+    no_tokenizer = copy_folder(llm_folder, tmp_path / "seed-llama-8b-sft",
+                               leave_out=("tokenizer.json", "tokenizer_config.json"))
+    with pytest.raises(CheckpointError, match=rf"{no_tokenizer} holds no tokenizer files.*--tokenizer "
+                                              "AILab-CVC/seed-tokenizer-2"):
+        SeedLlama.from_pretrained(no_tokenizer)
+    unreadable = copy_folder(llm_folder, tmp_path / "config-only-tokenizer", leave_out=("tokenizer.json",))
+    with pytest.raises(CheckpointError, match=rf"from {unreadable}: no tokenizer.json.*tokenizer="):
+        SeedLlama.from_pretrained(unreadable)  # transformers itself would blame sentencepiece or tiktoken
+
+
+def test_a_forced_image_needs_room_for_33_new_tokens(tiny):
+    """force_image puts <img> in the prompt: 32 codes + </img> must fit in the new tokens, else an
+    InputError before generating; 33 gives exactly one well-formed image."""
+    with pytest.raises(InputError, match=r"conversation 1 starts the answer with <img>, which needs 33 new tokens.*"
+                                         r"max_new_tokens allows 32"):
+        tiny.generate(["hi", "Draw a cat."], force_image=[False, True], max_new_tokens=32, decode_images=False)
+    with pytest.raises(InputError, match="needs 33 new tokens"):  # a raw prompt ending in <img> is forced too
+        tiny.chat("A cat.<img>", template="raw", max_new_tokens=20, decode_images=False)
+    reply = tiny.chat("Draw a cat.", force_image=True, seed=0, max_new_tokens=33, decode_images=False)
+    assert reply.errors == [] and len(reply.codes) == 1 and len(reply.token_ids) == 33
+    n = tiny.prompt_ids(["Draw a cat."], force_image=True)["input_ids"].shape[1]
+    with pytest.raises(InputError, match="needs 33 new tokens"):  # max_length counts the prompt
+        tiny.chat("Draw a cat.", force_image=True, max_length=n + 32, decode_images=False)
+    small = SeedLlama(tiny_llama(len(tiny.tokenizer)), tiny.tokenizer, "seed2_tiny")
+    small.model.config.max_position_embeddings = n + 20  # the context trims the 512 new tokens to 20
+    with pytest.raises(InputError, match="the LM's context allows 20"):
+        small.chat("Draw a cat.", force_image=True, decode_images=False)
+
+
+class Pause(LogitsProcessor):
+    """Sleeps a little at every step, so that threads generating at once interleave."""
+
+    def __call__(self, input_ids, scores):
+        time.sleep(0.002)
+        return scores
+
+
+def test_seeded_calls_repeat_while_other_threads_generate(tiny):
+    """torch's RNG is process-wide: seeded calls in two threads (and an unseeded one in a third) give
+    what each gives alone, and unseeded calls still differ from each other."""
+    settings = {"max_new_tokens": 16, "top_p": 1.0, "decode_images": False, "logits_processor": [Pause()]}
+    alone = {s: tiny.chat("Tell me a story.", seed=s, **settings).token_ids.tolist() for s in (0, 1)}
+    assert alone[0] != alone[1]
+    got: dict[int, list] = {0: [], 1: [], -1: []}
+
+    def seeded(s: int) -> None:
+        for _ in range(3):
+            got[s].append(tiny.chat("Tell me a story.", seed=s, **settings).token_ids.tolist())
+
+    def unseeded() -> None:
+        for _ in range(3):
+            got[-1].append(tuple(tiny.chat("Tell me a story.", **settings).token_ids.tolist()))
+
+    threads = [threading.Thread(target=seeded, args=(s,)) for s in (0, 1)] + [threading.Thread(target=unseeded)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] == [alone[0]] * 3 and got[1] == [alone[1]] * 3
+    assert len(set(got[-1])) == 3
+
+
+def test_chat_takes_one_message_and_an_empty_system_message_means_none(tiny):
+    settings = {"do_sample": False, "max_new_tokens": 4, "decode_images": False}
+    one = tiny.chat({"role": "user", "content": "hi"}, **settings)
+    assert one.token_ids.tolist() == tiny.chat("hi", **settings).token_ids.tolist()
+    pirate = SeedLlama(tiny.model, tiny.tokenizer, "seed2_tiny", system="You are a pirate.")
+    assert pirate.prompts(["hi"]) == ["<s>You are a pirate.\nUSER: hi\nASSISTANT:"]
+    assert pirate.prompts([[{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]]) == \
+        ["<s>USER: hi\nASSISTANT:"]
+
+
+class Fail(LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        raise AssertionError("generation started")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64, 1.5, "3", True])
+def test_a_bad_seed_is_an_input_error_before_anything_loads(tiny, seed):
+    pipe = SeedLlama(lambda: pytest.fail("the LM started loading"), tiny.tokenizer, "seed2_tiny")
+    with pytest.raises(InputError, match=r"seed must be an integer in \[0, 2\*\*63\), got"):
+        pipe.chat("hi", seed=seed, max_new_tokens=2, decode_images=False)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1, got 2.5"),
+    ({"temperature": 0.0}, "temperature must be a positive number when sampling, got 0.0"),
+    ({"max_length": 3}, r"max_length=3 leaves no room for new tokens: conversation 0's prompt is \d+ tokens"),
+    ({"num_return_sequences": 2, "do_sample": False}, "num_return_sequences=2 needs sampling"),
+    ({"max_new_token": 5}, r"generation settings \(max_new_token\)"),  # a typo transformers rejects by name
+], ids=["max_new_tokens=0", "max_new_tokens=2.5", "temperature=0", "max_length=3", "num_return_sequences=2",
+         "typo"])
+def test_bad_generation_settings_are_input_errors(tiny, settings, message):
+    with pytest.raises(InputError, match=message):
+        tiny.chat("hello there", decode_images=False, logits_processor=[Fail()], **settings)

@@ -16,7 +16,7 @@ from unittest import mock
 
 import pytest
 from conftest import PHOTOS, ROOT
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from seed import InputError
 from seed.llama import SeedLlama
@@ -113,6 +113,7 @@ def test_image_tokenizer_hub_id_reaches_the_hub_loader(one_thread, tmp_path, mon
     (["--height", "60"], "argument --height: must be a positive multiple of 8, got 60"),
     (["--guidance-scale", "inf"], "argument --guidance-scale: must be a finite number"),
     (["--load-in-8bit", "--load-in-4bit"], "--load-in-8bit and --load-in-4bit exclude each other"),
+    (["--force-image", "--max-new-tokens", "32"], "--force-image needs --max-new-tokens of at least 33"),
     (["--image", "missing.png"], "--image missing.png: no such file"),
     (["not_an_override"], "overrides must look like key=value, got not_an_override"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
@@ -159,3 +160,44 @@ def test_a_run_number_is_free_only_if_none_of_its_files_exist(tmp_path):
     assert t.path.name == "transcript-3.md" and t.codes_path.name == "codes-3.json" and t.path.is_file()
     assert Transcript(tmp_path, "header").path.name == "transcript-4.md"  # the file claims the number
     assert (tmp_path / "codes-2.json").read_text() == "{}"
+
+
+# --------------------------------------------------------------------------- review r1
+
+
+def test_a_seed1_image_tokenizer_is_refused_before_loading(tmp_path):
+    """SEED-LLaMA speaks SEED-2 codes: a SEED-1 config, or a folder whose config.yaml is SEED-1, is
+    `error:` and exit 2 before any model loads."""
+    from seed import load_config
+
+    source = load_script().image_tokenizer_source
+    folder = tmp_path / "seed1-saved"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(load_config("seed_tiny")))
+    for name in ("seed_tiny", str(ROOT / "configs" / "seed_tiny.yaml"), str(folder)):
+        with pytest.raises(InputError, match=r"is a SEED-1 tokenizer \(model.decoder.head=reverse_qformer\)"):
+            source(name, [])
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(load_config("seed2_tiny")))
+    assert source(str(folder), []) == folder
+    with no_model_loads():
+        rc, _, err = run("--llm", "tiny", "--image-tokenizer", "seed_tiny", "--prompt", "hi", "--out",
+                         str(tmp_path / "out"))
+    assert rc == 2 and err.startswith("error: --image-tokenizer seed_tiny: this config is a SEED-1") and \
+        "Traceback" not in err, err
+
+
+def test_a_broken_lm_folder_is_an_error_line_and_leaves_no_files(tiny_pipe, tmp_path):
+    """A truncated model.safetensors: `error: llm: cannot load the LM from FOLDER`, exit 2, and no
+    transcript or codes file in --out (interactive or one-shot: the LM loads before any file)."""
+    folder = tmp_path / "lm"
+    tiny_pipe.model.save_pretrained(folder)
+    tiny_pipe.tokenizer.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for prompt in (["--prompt", "hi"], []):
+        out = tmp_path / f"out{len(prompt)}"
+        with mock.patch("sys.stdin", io.StringIO("hi\n")):
+            rc, _, err = run("--llm", str(folder), "--image-tokenizer", "seed2_tiny", *prompt, "--out", str(out))
+        assert rc == 2 and err.startswith(f"error: llm: cannot load the LM from {folder}") and \
+            "Traceback" not in err, err
+        assert list(out.iterdir()) == []

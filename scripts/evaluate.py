@@ -15,7 +15,8 @@ versions), OUT/items.jsonl (per item) and prints a table. A run stopped for any 
 when the same command is run again: finished items are never recomputed. Under torchrun the items
 are shared between the processes (OUT on a filesystem they all see). CLIP and Inception weights
 are read locally (scripts/download_weights.py --model clip inception); --allow-download lets
-transformers fetch CLIP. Exit status: 0, 1 if items failed (reported, skipped), 2 on bad input.
+transformers fetch CLIP. Exit status: 0, 1 if items (or t2i reference images) failed (reported,
+skipped; a rerun tries failed items again), 2 on bad input.
 """
 
 from __future__ import annotations
@@ -37,13 +38,28 @@ def _kv(values: list[str] | None, flag: str) -> dict:
     """["steps=20", "guidance_scale=5"] -> {"steps": 20, "guidance_scale": 5.0} (YAML scalars)."""
     import yaml
 
+    from seed import InputError
+
     out = {}
     for v in values or []:
         key, eq, value = v.partition("=")
         if not eq or not key:
-            raise SystemExit(f"error: {flag} takes key=value, got {v!r}")
-        out[key] = yaml.safe_load(value)
+            raise InputError(f"{flag} takes key=value, got {v!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise InputError(f"{flag} {v!r}: not a YAML value ({e})") from None
     return out
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="output folder (resumed if it holds a run of the same command)")
-        p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument("--batch-size", type=_positive, default=None)
         p.add_argument("--device", default=None, help="default: this process's GPU if any, else the CPU")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -87,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="images: folder / .tar / list file, JSONL or Karpathy JSON")
     p.add_argument("--image-root", default=None, help="folder the data file's image paths are relative to")
     p.add_argument("--grid-rows", type=int, default=8)
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. diffusion.steps=25 diffusion.num_samples=1")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. diffusion.steps=25 diffusion.num_samples=1 "
+                                                "(a config name / YAML only, not a folder)")
 
     p = sub.add_parser("codebook", help="tokenizer: codebook usage, perplexity, entropy per position")
     common(p)
@@ -156,12 +173,16 @@ def device_for_rank(name: str | None):
 
 
 def load_tokenizer(spec: str, overrides: list[str], device):
-    """A seed.Tokenizer and its fingerprint: a save_pretrained folder, or a config (+ overrides)."""
+    """A seed.Tokenizer and its fingerprint: a save_pretrained folder, or a config (+ overrides,
+    validated by `seed.load_config`; with a folder they are an `InputError`, as `seed.Tokenizer.load`)."""
     import seed
     from seed.dataset import file_identity, model_fingerprint
 
     p = Path(spec)
-    if p.is_dir() and (p / "config.yaml").is_file():
+    if p.is_dir():
+        if overrides:
+            raise seed.InputError(f"key=value overrides apply to a config name or YAML file, not to the folder "
+                                  f"{spec!r} ({' '.join(overrides)}): save the tokenizer with the settings you want")
         tok = seed.Tokenizer.from_pretrained(p, device=device)
         return tok, {"folder": str(p), "weights": file_identity(p / "model.safetensors") if
                      (p / "model.safetensors").is_file() else None}
@@ -190,28 +211,39 @@ def load_inception(args):
 
 
 def load_llama(args):
-    """SeedLlama and its fingerprint (names and sizes of the LM's files: hashing 16 GB is too slow)."""
+    """SeedLlama and its fingerprint: each file of the LM and image tokenizer folders (size, mtime,
+    safetensors header hash: hashing 16 GB is too slow); for a Hub id, its cached snapshot's."""
     import torch
 
+    from seed.evaluation.runner import files_fingerprint
     from seed.llama import SeedLlama
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     pipe = SeedLlama.from_pretrained(args.llm, tokenizer=args.tokenizer, image_tokenizer=args.image_tokenizer,
                                      torch_dtype=dtype, load_in_8bit=args.load_in_8bit,
                                      **({"template": args.template} if args.template else {}))
-    llm = Path(args.llm)
-    files = {f.name: f.stat().st_size for f in sorted(llm.iterdir()) if f.is_file()} if llm.is_dir() else None
-    image_tok = Path(args.image_tokenizer or "seed2_tokenizer")
-    return pipe, {"llm": str(args.llm), "llm_files": files, "tokenizer": args.tokenizer, "dtype": args.dtype,
-                  "load_in_8bit": args.load_in_8bit, "vocab": len(pipe.tokenizer),
+    return pipe, {"llm": str(args.llm), "llm_files": files_fingerprint(_local(args.llm)), "tokenizer": args.tokenizer,
+                  "dtype": args.dtype, "load_in_8bit": args.load_in_8bit, "vocab": len(pipe.tokenizer),
                   "image_tokenizer": str(args.image_tokenizer),
-                  "image_tokenizer_files": ({f.name: f.stat().st_size for f in sorted(image_tok.iterdir())
-                                             if f.is_file()} if image_tok.is_dir() else None)}
+                  "image_tokenizer_files": files_fingerprint(_local(args.image_tokenizer or "seed2_tokenizer"))}
+
+
+def _local(spec: str) -> Path:
+    """A model's folder: ``spec`` itself, or a Hub id's cached snapshot (its name is the commit)."""
+    if Path(spec).is_dir() or spec.count("/") != 1:
+        return Path(spec)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a repo id): the name alone identifies it
+        return Path(spec)
 
 
 # --- main -----------------------------------------------------------------------------------------
 
 def run(args) -> dict | None:
+    import seed
     from seed.evaluation import data as D
     from seed.evaluation import tasks
 
@@ -227,10 +259,12 @@ def run(args) -> dict | None:
                                     progress=progress)
     if args.task == "codebook":
         if args.codes:
+            if args.overrides:
+                raise seed.InputError(f"codebook --codes takes no config overrides ({' '.join(args.overrides)})")
             return tasks.codebook(out, codes_folder=args.codes, batch_size=args.batch_size or 1024,
                                   fingerprint={"codes": str(args.codes)}, progress=progress)
         if not (args.config and args.images):
-            raise SystemExit("error: codebook needs --codes FOLDER, or --config and --images")
+            raise seed.InputError("codebook needs --codes FOLDER, or --config and --images")
         dataset = D.load_examples(args.images, args.image_root)
         tok, fp = load_tokenizer(args.config, args.overrides, device)
         return tasks.codebook(out, tok=tok, data=dataset, batch_size=args.batch_size or 32, fingerprint=fp,
@@ -243,7 +277,8 @@ def run(args) -> dict | None:
         overrides = list(args.overrides) + ([f"init.qformer={args.checkpoint}"] if args.checkpoint else [])
         cfg = load_train_config(args.train_config, *overrides)
         if int(cfg.stage) != 1:
-            raise SystemExit("error: retrieval needs a stage-1 training config (stage: 1)")
+            raise seed.InputError(f"{args.train_config}: retrieval needs a stage-1 training config (stage: 1), "
+                                  f"not stage {cfg.stage}")
         dataset = D.load_examples(args.data, args.image_root, args.split, need_captions=True)
         model = build_model(cfg, device)
         from omegaconf import OmegaConf
@@ -253,27 +288,33 @@ def run(args) -> dict | None:
                           for k, v in (("vision", cfg.init.vision), ("qformer", cfg.init.qformer))}}
         return tasks.retrieval(model, dataset, out, batch_size=args.batch_size or 32, fingerprint=fp, progress=progress)
 
-    pipe, fp = load_llama(args)
+    # settings and data first: a typo is an error before the LLM loads
+    defaults = {"t2i": tasks.T2I_GENERATION, "vqa": tasks.VQA_GENERATION, "caption": tasks.CAPTION_GENERATION}
     generation = _kv(args.generation, "--generation")
+    tasks.generation_settings(defaults[args.task], generation)
     seed_kw = {"seed": args.seed} if args.seed is not None else {}
+    prompt = {"prompt": args.prompt} if getattr(args, "prompt", None) else {}
     template = args.template
     if args.task == "t2i":
+        decode = _kv(args.decode, "--decode")
         dataset = D.load_captions(args.captions, args.image_root, args.split)
         fid, is_ = load_inception(args)
-        return tasks.text_to_image(pipe, dataset, out, clip=load_clip(args, device), fid_features=fid, is_logits=is_,
+        clip = load_clip(args, device)
+        pipe, fp = load_llama(args)
+        return tasks.text_to_image(pipe, dataset, out, clip=clip, fid_features=fid, is_logits=is_,
                                    batch_size=args.batch_size or 8, template=template, generation=generation,
-                                   decode=_kv(args.decode, "--decode"), negative=not args.no_negative,
-                                   fingerprint=fp, progress=progress, **seed_kw)
+                                   decode=decode, negative=not args.no_negative, fingerprint=fp, progress=progress,
+                                   **seed_kw)
     if args.task == "vqa":
+        tasks.check_vqa_prompt(args.prompt or tasks.VQA_PROMPT)
         dataset = D.load_vqa(args.questions, args.annotations, args.image_root, args.image_pattern)
+        pipe, fp = load_llama(args)
         return tasks.vqa(pipe, dataset, out, batch_size=args.batch_size or 8, template=template,
-                         generation=generation, fingerprint=fp, progress=progress,
-                         **({"prompt": args.prompt} if args.prompt else {}), **seed_kw)
+                         generation=generation, fingerprint=fp, progress=progress, **prompt, **seed_kw)
     dataset = D.load_examples(args.data, args.image_root, args.split, need_captions=True)
+    pipe, fp = load_llama(args)
     return tasks.caption(pipe, dataset, out, batch_size=args.batch_size or 8, template=template, generation=generation,
-                         fingerprint=fp, progress=progress, **({"prompt": args.prompt} if args.prompt else {}),
-                         **seed_kw)
-
+                         fingerprint=fp, progress=progress, **prompt, **seed_kw)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -303,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {row['error']}", file=sys.stderr)
     if report["n_bad_rows"]:
         print(f"{report['n_bad_rows']} malformed row(s) in the data were skipped (see the log)", file=sys.stderr)
-    return 1 if report["n_errors"] or report["n_bad_rows"] else 0
+    if report.get("n_reference_errors"):
+        print(f"{report['n_reference_errors']} reference image(s) could not be read: not in CLIP-I / FID "
+              f"(see the log and 'reference_error' in items.jsonl)", file=sys.stderr)
+    return 1 if report["n_errors"] or report["n_bad_rows"] or report.get("n_reference_errors") else 0
 
 
 if __name__ == "__main__":

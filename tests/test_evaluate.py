@@ -143,7 +143,8 @@ def test_reconstruction_end_to_end_and_a_rerun_resumes_everything(tiny_tok, clip
     stamps = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     again = tasks.reconstruction(tiny_tok, D.load_examples(images), out, clip=clip, fid_features=fid,
                                  is_logits=TinyFeatures(1), decode=DECODE, batch_size=2, fingerprint={"name": "tiny"})
-    assert again["items_resumed"] == 4 and again["metrics"] == r["metrics"]
+    assert again["items_resumed"] == 3 and again["metrics"] == r["metrics"]  # the failed item is tried again
+    assert again["n_errors"] == 1
     assert {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == stamps
     with pytest.raises(seed.InputError, match="decode.steps: 1 in run.json, 2 now"):
         tasks.reconstruction(tiny_tok, D.load_examples(images), out, decode={**DECODE, "steps": 2},
@@ -312,7 +313,8 @@ def test_a_killed_t2i_run_resumes_without_regenerating(tmp_path, capsys):
     rows = [json.loads(line) for line in items.read_text().splitlines()]
     assert rows[:len(before)] == before  # the finished items' rows are untouched...
     assert sorted(row["id"] for row in rows) == sorted(str(i) for i in range(1, n + 1))  # ...and none is done twice
-    assert {i: (out / f"images/{i}_0.png").stat().st_mtime_ns for i in stamps} == stamps  # never regenerated
+    paths = {row["id"]: row["images"][0] for row in rows}
+    assert {i: (out / paths[i]).stat().st_mtime_ns for i in stamps} == stamps  # never regenerated
     assert [row["id"] for row in items_of(out)] == [str(i) for i in range(1, n + 1)]
 
 
@@ -334,3 +336,171 @@ def test_torchrun_two_processes_share_the_items_and_rank0_reports(tmp_path):
     assert ranks == [[f"{i:02d}.png" for i in range(0, 10, 2)], [f"{i:02d}.png" for i in range(1, 10, 2)]]
     r = report_of(out)
     assert r["n"] == 10 and r["metrics"]["used"] == 10 and r["metrics"]["entropy_bits"] == pytest.approx(np.log2(10))
+
+
+# --- resume: what counts as the same run ----------------------------------------------------------
+
+def _finish_all(out: Path, data: D.Dataset, ok: bool = True) -> list[str]:
+    """A run of ``data`` in ``out`` that finishes every item left (an error row each unless ``ok``); the ids done."""
+    from seed.evaluation.runner import Run
+
+    with Run(out, "t2i", data, {"m": 1}, {"s": 1}, progress=False) as run:
+        todo = [ex.id for ex in run.todo]
+        run.write([{"id": i, "x": 1} if ok else {"id": i, "error": "no image"} for i in todo])
+    return todo
+
+
+def test_a_rerun_on_other_captions_or_images_with_the_same_ids_is_refused(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a red cat\na blue dog\n")
+    b.write_text("a green car\na blue dog\n")  # the same ids (line numbers), another caption
+    out = tmp_path / "out"
+    assert _finish_all(out, D.load_captions(a)) == ["1", "2"]
+    assert _finish_all(out, D.load_captions(a)) == []  # the same data resumes: nothing to do
+    with pytest.raises(seed.InputError, match=f"dataset {b} differs in content"):
+        _finish_all(out, D.load_captions(b))
+    # JSONL rows without "id", the same paths under another --image-root: other images
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text(json.dumps({"image": "chelsea.png", "caption": "a cat"}) + "\n")
+    _finish_all(tmp_path / "out2", D.load_examples(rows, image_root=tmp_path / "v1"))
+    with pytest.raises(seed.InputError, match="differs in content"):
+        _finish_all(tmp_path / "out2", D.load_examples(rows, image_root=tmp_path / "v2"))
+
+
+def test_failed_items_are_tried_again_and_their_last_result_counts(tmp_path):
+    from seed.evaluation.runner import Run
+
+    caps = tmp_path / "caps.txt"
+    caps.write_text("one\ntwo\nthree\n")
+    data, out = D.load_captions(caps), tmp_path / "out"
+    with Run(out, "t2i", data, {}, {}, progress=False) as run:
+        run.write([{"id": "1", "x": 1}, {"id": "2", "error": "unreadable"}, {"id": "3", "error": "unreadable"}])
+    # an earlier, larger run (2 processes) left a later failure of item 3 in rank001's file
+    (out / "items" / "rank001.jsonl").write_text(json.dumps({"id": "3", "error": "old failure"}) + "\n")
+    with Run(out, "t2i", data, {}, {}, progress=False) as run:
+        assert [ex.id for ex in run.todo] == ["2", "3"] and run.skipped == 1
+        run.write([{"id": "2", "error": "still unreadable"}, {"id": "3", "x": 3}])
+        rows = run.gather()
+    assert rows == [{"id": "1", "x": 1}, {"id": "2", "error": "still unreadable"}, {"id": "3", "x": 3}]
+
+
+def test_generated_image_names_never_collide(tmp_path):
+    from seed.evaluation.runner import Run
+
+    caps = tmp_path / "caps.txt"
+    caps.write_text("x\n")
+    run = Run(tmp_path / "out", "t2i", D.load_captions(caps), {}, {})
+    long = "x" * 150
+    names = [run.image_path(i).name for i in ("a/b.png", "a_b.png", long + "1", long + "2")]
+    assert len(set(names)) == 4 and all(len(n) < 200 for n in names)
+    assert run.image_path("a/b.png") == run.image_path("a/b.png")  # stable: a resumed run finds its images
+
+
+def test_model_and_codes_fingerprints_see_rewritten_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from seed.evaluation.runner import files_fingerprint
+
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    w = llm / "model.safetensors"
+    save_file({"a": torch.zeros(4)}, w)
+    before = files_fingerprint(llm)
+    save_file({"b": torch.zeros(4)}, w)  # the same size, another tensor name
+    os.utime(w, ns=(w.stat().st_atime_ns, before["model.safetensors"][1]))  # even with the same mtime
+    assert w.stat().st_size == before["model.safetensors"][0] and files_fingerprint(llm) != before
+    mid = files_fingerprint(llm)
+    save_file({"b": torch.ones(4)}, w)  # same header, other values: the mtime tells
+    os.utime(w, ns=(w.stat().st_atime_ns, mid["model.safetensors"][1] + 10**9))
+    assert files_fingerprint(llm) != mid
+
+    folder = tmp_path / "codes_run"
+    (folder / "codes").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"fingerprint": {"model": {"codebook": {"size": 16}}}}))
+    f = folder / "codes" / "000000.jsonl"
+    f.write_text(json.dumps({"image": "a.png", "codes": [1, 2]}) + "\n")
+    tasks.codebook(tmp_path / "cb", codes_folder=folder, progress=False)
+    mtime = f.stat().st_mtime_ns
+    f.write_text(json.dumps({"image": "a.png", "codes": [3, 4]}) + "\n")  # retokenized: same id, same size
+    os.utime(f, ns=(mtime + 10**9, mtime + 10**9))
+    with pytest.raises(seed.InputError, match="codes_files"):
+        tasks.codebook(tmp_path / "cb", codes_folder=folder, progress=False)
+
+
+# --- bad input: clear errors, up front ------------------------------------------------------------
+
+def test_bad_vqa_rows_and_patterns_are_named(tmp_path, caplog):
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1, "question": "ok?"},
+                                           {"question_id": 2, "image": 5, "question": "image not a path?"},
+                                           {"image_id": 3, "question": "no question_id?"}]}))
+    ds = D.load_vqa(q, None, tmp_path)
+    assert [e.id for e in ds.examples] == ["1"] and ds.bad == 2
+    assert "question 3: expected 'question_id'" in caplog.text and "no annotation" not in caplog.text
+    with pytest.raises(seed.InputError, match=r"image pattern '\{foo\}.jpg'.*image_id"):
+        D.load_vqa(q, None, tmp_path, "{foo}.jpg")
+    from seed.evaluation.runner import Run
+
+    none_answered = tmp_path / "a.json"
+    none_answered.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(seed.InputError, match="no usable items"):  # nothing to run is an error, not an empty report
+        Run(tmp_path / "out", "vqa", D.load_vqa(q, none_answered, tmp_path), {}, {})
+
+
+def test_bad_prompts_and_generation_settings_fail_before_generating(pipe, tmp_path):
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a cat\n")
+    data = D.load_captions(caps)
+    with pytest.raises(seed.InputError, match=r"prompt 'Q: \{q\}'.*\{question\}"):
+        tasks.vqa(pipe, data, tmp_path / "v", prompt="Q: {q}")
+    with pytest.raises(seed.InputError, match="generation num_beams='abc': expected int"):
+        tasks.vqa(pipe, data, tmp_path / "v", generation={"num_beams": "abc"})
+    with pytest.raises(seed.InputError, match="decode steps=1.5: expected int"):
+        tasks.text_to_image(pipe, data, tmp_path / "t", decode={"steps": 1.5})
+    assert not (tmp_path / "v").exists() and not (tmp_path / "t").exists()
+
+
+def test_script_bad_input_exits_2_with_a_message(tiny_tok, images, tmp_path, capsys):
+    ev = script("evaluate")
+    folder = tiny_tok.save_pretrained(tmp_path / "tok")
+    out = str(tmp_path / "out")
+    rc = ev.main(["reconstruction", "--config", str(folder), "--images", str(images), "--out", out,
+                  "--clip", "none", "--inception", "none", "diffusion.steps=1"])
+    assert rc == 2 and "overrides apply to a config" in capsys.readouterr().err  # not silently ignored
+    rc = ev.main(["retrieval", "--train-config", str(ROOT / "configs/train/seed1_stage2_tiny.yaml"),
+                  "--data", str(DATA / "captions.jsonl"), "--out", out])
+    assert rc == 2 and "stage-1 training config" in capsys.readouterr().err
+    codes = tmp_path / "codes_run"
+    (codes / "codes").mkdir(parents=True)
+    (codes / "run.json").write_text("{torn")
+    assert ev.main(["codebook", "--codes", str(codes), "--out", out]) == 2
+    assert "run.json: not a tokenize_dataset.py run record" in capsys.readouterr().err
+    # settings are checked before the LLM loads (the captions / questions files do not even exist)
+    assert ev.main(["t2i", "--llm", "tiny", "--captions", "x.txt", "--out", out, "--generation", "num_beams"]) == 2
+    assert ev.main(["t2i", "--llm", "tiny", "--captions", "x.txt", "--out", out, "--generation", "num_beams=abc"]) == 2
+    assert "num_beams='abc': expected int" in capsys.readouterr().err
+    assert ev.main(["vqa", "--llm", "tiny", "--questions", "q.json", "--image-root", ".", "--out", out,
+                    "--prompt", "Q: {q}"]) == 2
+    assert "prompt 'Q: {q}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ev.main(["codebook", "--codes", str(codes), "--out", out, "--batch-size", "-1"])
+    assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
+
+
+def test_t2i_unreadable_references_are_counted_and_exit_1(pipe, clip, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("\n".join([json.dumps({"caption": "a cat", "image": str(PHOTOS[1])}),
+                               json.dumps({"caption": "a camera", "image": str(PHOTOS[0])}),
+                               json.dumps({"caption": "a dog", "image": str(bad)})]))
+    out = tmp_path / "t2i"
+    r = tasks.text_to_image(pipe, D.load_captions(caps), out, clip=clip, fid_features=TinyFeatures(), batch_size=3,
+                            generation=GREEDY, decode=DECODE, negative=False, seed=0, progress=False)
+    assert r["n"] == 3 and r["n_reference_errors"] == 1
+    assert r["n_per_metric"] == {"clip_t": 3, "clip_i": 2, "FID_real": 2, "FID_generated": 3}
+    assert "bad.png" in items_of(out)[2]["reference_error"]
+    ev = script("evaluate")
+    monkeypatch.setattr(ev, "run", lambda args: report_of(out))  # the exit status of that report
+    assert ev.main(["t2i", "--llm", "tiny", "--captions", str(caps), "--out", str(out)]) == 1
+    assert "1 reference image(s) could not be read" in capsys.readouterr().err

@@ -43,6 +43,19 @@ def test_recall_at_k_on_a_constructed_matrix():
         M.recall_at_k(sim, [0, 0, 1, 3, 2])
 
 
+def test_recall_at_k_counts_ties_against_the_item():
+    # a constant similarity ranks nothing: each right answer ties with every wrong one (5 images,
+    # one caption each: 4 wrong candidates tie, so rank 4: found at K=5, not at K=1 or 4)
+    r = M.recall_at_k(torch.zeros(5, 5), range(5), ks=(1, 4, 5))
+    assert r["i2t_R@1"] == 0 and r["t2i_R@1"] == 0 and r["i2t_R@4"] == 0 and r["i2t_R@5"] == 1
+    # image 0's caption (0.5) ties with caption 1 (0.5): rank 1; image 1's (0.2) is alone first
+    sim = torch.tensor([[0.5, 0.5], [0.1, 0.2]])
+    i2t, t2i = M.retrieval_ranks(sim, [0, 1])
+    assert i2t.tolist() == [1, 0]
+    # caption 0: its image 0.5 beats 0.1: rank 0; caption 1: image 1 (0.2) is below image 0 (0.5): rank 1
+    assert t2i.tolist() == [0, 1]
+
+
 # --- VQA ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw, norm", [
@@ -88,6 +101,16 @@ def test_cider_and_bleu_against_hand_computation():
     assert s["BLEU-1"] == pytest.approx(7 / 8, abs=1e-6)
     empty = M.caption_scores({"a": "", "b": "green boat near town"}, REFERENCES)  # an empty caption scores 0
     assert empty["per_item"]["a"]["CIDEr"] == 0.0
+
+
+@pytest.mark.skipif(not M.java_available(), reason="pycocoevalcap's PTB tokenizer needs Java")
+def test_line_breaks_in_captions_do_not_shift_the_references():
+    """The PTB tokenizer reads one caption a line: a \\r or \\n inside a caption must not move the
+    others onto the wrong image. The same captions as the hand computation above, broken over lines."""
+    s = M.caption_scores({"a": "Red kite\rover hills.", "b": "green boat\r\nnear town"},
+                         {"a": ["red kite\nover hills"], "b": ["Green\x0bboat near docks!"]})
+    assert s["per_item"]["a"]["CIDEr"] == pytest.approx(10.0, abs=1e-6)
+    assert s["per_item"]["b"]["CIDEr"] == pytest.approx(230 / 48, abs=1e-6)
 
 
 def test_caption_scores_without_java_is_a_clear_error(monkeypatch):

@@ -150,10 +150,11 @@ def load_karpathy(path: str | os.PathLike, image_root: str | os.PathLike | None 
         try:
             name = os.path.join(img.get("filepath", ""), img["filename"])
             caps = tuple(s["raw"] for s in img["sentences"])
-            if not caps or not all(isinstance(c, str) for c in caps):
+            if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
                 raise ValueError
         except (KeyError, TypeError, ValueError, AttributeError):
-            logger.warning("%s, image %d: expected 'filename' and 'sentences' [{'raw': text}]; skipped", path, n)
+            logger.warning("%s, image %d: expected 'filename' and 'sentences' [{'raw': text}] (not blank); skipped",
+                           path, n)
             bad += 1
             continue
         ident = str(img.get("cocoid", img.get("imgid", name)))
@@ -167,6 +168,11 @@ def load_vqa(questions: str | os.PathLike, annotations: str | os.PathLike | None
              image_pattern: str = "COCO_val2014_{image_id:012d}.jpg") -> Dataset:
     """VQAv2 questions (+ annotations with the 10 human answers each; without them no accuracy)."""
     qpath = Path(questions)
+    try:
+        image_pattern.format(image_id=42)
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise InputError(f"image pattern {image_pattern!r}: {type(e).__name__}: {e}; it may use only "
+                         f"{{image_id}}, e.g. 'COCO_val2014_{{image_id:012d}}.jpg'") from None
     qs = _read_json(qpath)
     qs = qs.get("questions", qs) if isinstance(qs, dict) else qs
     if not isinstance(qs, list):
@@ -189,18 +195,17 @@ def load_vqa(questions: str | os.PathLike, annotations: str | os.PathLike | None
     for n, q in enumerate(qs, 1):
         try:
             qid, text = q["question_id"], q["question"]
-            image = q.get("image") or image_pattern.format(image_id=q["image_id"])
-            if not isinstance(text, str) or not text.strip():
+            image = q["image"] if "image" in q else image_pattern.format(image_id=q["image_id"])
+            if not isinstance(text, str) or not text.strip() or not isinstance(image, str) or not image:
                 raise ValueError
-            if annotations is not None and qid not in answers:
-                raise LookupError
-        except LookupError:
-            logger.warning("%s, question %d: no annotation with answers for question_id %r; skipped",
-                           qpath, n, q.get("question_id") if isinstance(q, dict) else None)
+            hash(qid)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            logger.warning("%s, question %d: expected 'question_id', 'question' (text) and 'image_id' (or 'image', "
+                           "a path); skipped", qpath, n)
             bad += 1
             continue
-        except (KeyError, TypeError, ValueError, AttributeError):
-            logger.warning("%s, question %d: expected 'question_id', 'image_id' and 'question'; skipped", qpath, n)
+        if annotations is not None and qid not in answers:
+            logger.warning("%s, question %d: no annotation with answers for question_id %r; skipped", qpath, n, qid)
             bad += 1
             continue
         examples.append(Example(str(qid), _resolve(image, qpath.parent, image_root), (), text,

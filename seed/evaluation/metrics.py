@@ -1,7 +1,8 @@
 """The metrics the SEED papers report, from the field's libraries where one exists.
 
 - Retrieval recall R@K both ways (`recall_at_k`) from an image x text similarity matrix (the
-  BLIP / LAVIS definition: an image counts as found when any of its captions is in its top K).
+  BLIP / LAVIS definition: an image counts as found when any of its captions is in its top K;
+  ties count against the item).
 - VQA accuracy (`vqa_accuracy`) with the official answer normalization (`normalize_answer`), a
   port of the VQA challenge's ``vqaEval.py`` (GT-Vision-Lab/VQA); no maintained package holds it.
 - CIDEr-D and BLEU-4 (`caption_scores`) through pycocoevalcap, the COCO caption reference code,
@@ -37,13 +38,12 @@ logger = logging.getLogger(__name__)
 
 # --- retrieval ------------------------------------------------------------------------------------
 
-def recall_at_k(sim: torch.Tensor, text_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K both ways from ``sim`` float [N_images, N_texts] (higher = more similar).
+def retrieval_ranks(sim: torch.Tensor, text_to_image: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank (0 = first) of each image's best own caption, long [N_images], and of each
+    caption's image, long [N_texts], in ``sim`` float [N_images, N_texts].
 
-    ``text_to_image[j]`` is the index of caption j's image. Image -> text: image i is found at K
-    when any of its captions is among its K most similar texts; text -> image: caption j is found
-    when its image is among its K most similar images. Returns ``{"i2t_R@1": ..., "t2i_R@1": ...,
-    "mean_recall": ...}`` as fractions in [0, 1] (the papers print 100 x).
+    Ties count against the item (pessimistic): the rank is the number of *wrong* candidates at
+    least as similar as the right one, so a constant similarity finds nothing at K=1.
     """
     import torch
 
@@ -53,11 +53,23 @@ def recall_at_k(sim: torch.Tensor, text_to_image: Sequence[int], ks: Sequence[in
         raise InputError(f"text_to_image must give one image index in [0, {n_img}) per text ({n_txt}); "
                          f"got {owner.numel()} values")
     sim = sim.float()
-    # rank of the best correct text for each image: texts strictly more similar than it
     mine = owner[None, :] == torch.arange(n_img)[:, None]                       # [N_img, N_txt]
     best = sim.masked_fill(~mine, float("-inf")).max(dim=1).values             # [N_img]
-    i2t_rank = (sim > best[:, None]).sum(dim=1)
-    t2i_rank = (sim > sim[owner, torch.arange(n_txt)][None, :]).sum(dim=0)     # [N_txt]
+    i2t_rank = ((sim >= best[:, None]) & ~mine).sum(dim=1)
+    t2i_rank = ((sim >= sim[owner, torch.arange(n_txt)][None, :]) & ~mine).sum(dim=0)
+    return i2t_rank, t2i_rank
+
+
+def recall_at_k(sim: torch.Tensor, text_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K both ways from ``sim`` float [N_images, N_texts] (higher = more similar).
+
+    ``text_to_image[j]`` is the index of caption j's image. Image -> text: image i is found at K
+    when any of its captions is among its K most similar texts; text -> image: caption j is found
+    when its image is among its K most similar images; a wrong candidate as similar as the right
+    one ranks above it (`retrieval_ranks`). Returns ``{"i2t_R@1": ..., "t2i_R@1": ...,
+    "mean_recall": ...}`` as fractions in [0, 1] (the papers print 100 x).
+    """
+    i2t_rank, t2i_rank = retrieval_ranks(sim, text_to_image)
     out: dict[str, float] = {}
     for k in ks:
         out[f"i2t_R@{k}"] = (i2t_rank < k).double().mean().item()
@@ -185,16 +197,20 @@ def caption_scores(candidates: Mapping[str, str], references: Mapping[str, Seque
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     ids = sorted(candidates)
+
+    def one_line(caption: str) -> str:  # the tokenizer reads one caption a line: \r, \n... would shift them
+        return " ".join(caption.split()) or EMPTY
+
     # the PTB tokenizer writes a temporary file next to its .jar: it must be writable
     jar_dir = Path(ptbtokenizer.__file__).parent
     if not os.access(jar_dir, os.W_OK):
         raise InputError(f"pycocoevalcap's tokenizer folder {jar_dir} is not writable (its PTB tokenizer "
                          "writes a temporary file there); install seed in a writable environment")
     tok = ptbtokenizer.PTBTokenizer()
-    # the tokenizer reads one caption per line and strips the input's end: an empty caption would
-    # shift or lose lines, so it becomes a word no reference has (it scores 0, as an empty one)
-    gts = tok.tokenize({i: [{"caption": c if c.strip() else EMPTY} for c in references[i]] for i in ids})
-    res = tok.tokenize({i: [{"caption": candidates[i] if candidates[i].strip() else EMPTY}] for i in ids})
+    # the tokenizer reads one caption per line and strips the input's end: whitespace (line breaks
+    # included) becomes one space, and an empty caption a word no reference has (it scores 0)
+    gts = tok.tokenize({i: [{"caption": one_line(c)} for c in references[i]] for i in ids})
+    res = tok.tokenize({i: [{"caption": one_line(candidates[i])}] for i in ids})
     bleu, bleu_items = Bleu(4).compute_score(gts, res, verbose=0)
     cider, cider_items = Cider().compute_score(gts, res)
     out: dict[str, Any] = {"CIDEr": float(cider), **{f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}}

@@ -2,7 +2,8 @@
 
 An output folder holds::
 
-    run.json              what is being measured: task, dataset (name, count, hash of the ids),
+    run.json              what is being measured: task, dataset (name, count, hash of the ids, hash
+                          of the content: captions, questions, answers, resolved image paths),
                           model fingerprint, the settings that change the results
     items/rankNNN.jsonl   one line per finished item ({"id", ...per-item results} or {"id", "error"}),
                           written a batch at a time, flushed and fsynced (a kill never tears a line
@@ -13,7 +14,9 @@ An output folder holds::
 
 A rerun with the same task, data, model and settings skips every item already in ``items/``
 (whatever the number of processes then and now), so a killed run resumes where it stopped and
-never recomputes a finished item; a rerun that differs is refused, naming each difference. Under
+never recomputes a finished item; a rerun that differs is refused, naming each difference. An
+item that failed (an error row) is not finished: a rerun tries it again, and the last row of an
+id counts (so a fixed image is scored). Under
 torchrun each rank takes every ``world_size``-th remaining item; rank 0 aggregates once all are
 done (the ranks share the folder, as dataset tokenization does).
 """
@@ -34,6 +37,7 @@ from typing import Any
 from ..dataset import (
     JsonlWriter, OutputError, OutputLock, _write_json_atomic, fingerprint_diff, json_line, repair,
 )
+from ..errors import InputError
 from .data import Dataset, Example
 
 logger = logging.getLogger(__name__)
@@ -58,6 +62,46 @@ def ids_hash(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def content_hash(examples: Sequence[Example]) -> str:
+    """sha256 of what each example holds: id, resolved image (path, or folder/tar member),
+    captions, question and answers. Two datasets with the same ids but other captions (a text
+    file's ids are its line numbers), other answers or images elsewhere hash differently."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ex in examples:
+        image = (os.path.abspath(ex.image) if isinstance(ex.image, str) else
+                 None if ex.image is None else [os.path.abspath(ex.image.source), ex.image.id, ex.image.offset])
+        h.update(json.dumps([ex.id, image, list(ex.captions), ex.question, list(ex.answers)],
+                            ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+def files_fingerprint(folder: str | os.PathLike) -> dict[str, list[Any]] | None:
+    """``{name: [size, mtime_ns, sha256 of the safetensors header or None]}`` for each file of a
+    model folder (None if it is not a folder). Hashing a 16 GB LLM is too slow; a weight file
+    rewritten in place changes its mtime, and a ``.safetensors`` header (names, shapes, dtypes,
+    offsets) is hashed as well."""
+    import hashlib
+    import struct
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    out: dict[str, list[Any]] = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        st = f.stat()
+        header = None
+        if f.suffix == ".safetensors" and st.st_size >= 8:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = hashlib.sha256(fh.read(min(n, st.st_size - 8))).hexdigest()
+        out[f.name] = [st.st_size, st.st_mtime_ns, header]
+    return out
+
+
 class Run:
     """One task's run in ``out_dir`` for ``dataset``; use as a context manager.
 
@@ -80,6 +124,8 @@ class Run:
         self.writer: JsonlWriter | None = None
         self.skipped = 0
         self.start = time.perf_counter()
+        if not dataset.examples:
+            raise InputError(f"{dataset.name}: no usable items ({dataset.bad} malformed row(s): see the log)")
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -114,7 +160,8 @@ class Run:
     def record(self) -> dict:
         ids = [ex.id for ex in self.dataset.examples]
         return {"task": self.task, "dataset": {"name": self.dataset.name, "layout": self.dataset.layout,
-                                               "items": len(ids), "ids_sha256": ids_hash(ids)},
+                                               "items": len(ids), "ids_sha256": ids_hash(ids),
+                                               "content_sha256": content_hash(self.dataset.examples)},
                 "model": self.fingerprint, "settings": self.settings}
 
     def _prepare(self) -> None:
@@ -143,6 +190,9 @@ class Run:
             new_data = {k: v for k, v in record["dataset"].items() if k != "name"}
             diff = fingerprint_diff({**{k: old.get(k) for k in record}, "dataset": old_data},
                                     {**record, "dataset": new_data})
+            diff = [f"the dataset {self.dataset.name} differs in content (captions, questions, answers or "
+                    f"image paths) from the one in run.json" if d.startswith("dataset.content_sha256:") else d
+                    for d in diff]
             if diff:
                 raise OutputError(f"{self.out} holds results of another run, so resuming would mix them: "
                                   + "; ".join(diff) + ". Use another --out (or delete this folder)")
@@ -169,7 +219,7 @@ class Run:
                 if f != own and int(f.stem[4:] or 0) >= self.world_size:
                     repair(f)
         self.barrier()
-        done = set(self._read_rows(only_ids=True))
+        done = {row["id"] for row in self._read_rows() if "error" not in row}  # failed items: again
         self.barrier()  # every rank has read the same rows before any writes
         todo = [ex for ex in self.dataset.examples if ex.id not in done]
         self.skipped = len(self.dataset.examples) - len(todo)
@@ -187,15 +237,16 @@ class Run:
 
     # -- rows -----------------------------------------------------------------------------------
 
-    def _read_rows(self, only_ids: bool = False) -> Iterable[Any]:
+    def _read_rows(self) -> Iterable[dict]:
         for f in sorted((self.out / "items").glob("rank*.jsonl")):
             with open(f, "rb") as fh:
                 for line in fh:
                     try:
                         row = json.loads(line)
-                        yield row["id"] if only_ids else row
-                    except (ValueError, KeyError, TypeError):
+                    except ValueError:
                         continue  # a torn line of a rank still writing: not done
+                    if isinstance(row, dict) and isinstance(row.get("id"), str):
+                        yield row
 
     def write(self, rows: Sequence[dict]) -> None:
         """Append finished items' rows (each with ``"id"``; a failed item: ``{"id", "error"}``)."""
@@ -212,13 +263,21 @@ class Run:
         self.barrier()
         if not self.main:
             return None
-        by_id = {row["id"]: row for row in self._read_rows()}
+        by_id: dict[str, dict] = {}
+        for row in self._read_rows():  # an item's result beats its earlier failures (in any rank's file)
+            old = by_id.get(row["id"])
+            if old is None or "error" in old or "error" not in row:
+                by_id[row["id"]] = row
         return [by_id[ex.id] for ex in self.dataset.examples if ex.id in by_id]
 
     def image_path(self, item_id: str, k: int = 0, ext: str = "png") -> Path:
-        """Where the task stores an item's generated image ``k`` (a flat, file-name-safe name)."""
-        safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in item_id)[:150]
-        return self.out / "images" / f"{safe}_{k}.{ext}"
+        """Where the task stores an item's generated image ``k``: a flat, file-name-safe name, with a
+        short hash of the id (``a/b.png`` and ``a_b.png``, or two long ids, never share a file)."""
+        import hashlib
+
+        safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in item_id)[:100]
+        tag = hashlib.sha256(item_id.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+        return self.out / "images" / f"{safe}_{tag}_{k}.{ext}"
 
     # -- report ---------------------------------------------------------------------------------
 

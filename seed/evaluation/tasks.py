@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 from ..dataset import _write_json_atomic
 from ..errors import InputError
 from .data import Dataset, Example
-from .metrics import Clip, caption_scores, codebook_stats, image_set_scores, normalize_answer, recall_at_k, vqa_accuracy
-from .runner import Run, write_jsonl
+from .metrics import (
+    Clip, caption_scores, codebook_stats, image_set_scores, normalize_answer, recall_at_k, retrieval_ranks,
+    vqa_accuracy,
+)
+from .runner import Run, files_fingerprint, write_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +69,8 @@ def _each_batch(run: Run, desc: str, batch_size: int, work: Callable[[Sequence[E
     """``work`` over this process's remaining items, a batch at a time, each batch's rows written as
     it finishes (what makes a killed run resume), with a progress bar; then every rank's rows in
     dataset order on rank 0, None on the others."""
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
     bar = _bar(len(run.todo), run, desc)
     for batch in _batches(run.todo, batch_size):
         run.write(work(batch))
@@ -80,6 +85,33 @@ def _on_images(work: Callable[[list[Example], list[Any]], list[dict]]) -> Callab
         good, images, rows = _open(batch)
         return rows + (work(good, images) if good else [])
     return run_batch
+
+
+def _check_types(values: Mapping[str, Any], reference: Mapping[str, Any], what: str) -> None:
+    """`InputError` for a setting whose value has not the type of the reference's (a number for a
+    number...): ``num_beams=abc`` is refused before any generation, not deep inside it."""
+    for key, value in values.items():
+        ref = reference.get(key)
+        if isinstance(ref, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(ref, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(ref, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            raise InputError(f"{what} {key}={value!r}: expected {type(ref).__name__} (as {key}={ref!r})")
+
+
+def generation_settings(defaults: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The task's generation settings with ``given`` over them, each checked against the type of
+    the task's default or of transformers' `GenerationConfig` default."""
+    from transformers import GenerationConfig
+
+    base = {k: v for k, v in vars(GenerationConfig()).items() if isinstance(v, (bool, int, float))}
+    _check_types(given or {}, {**base, **defaults}, "generation")
+    return {**defaults, **(given or {})}
 
 
 def _readable(rows: list[dict], task: str) -> list[dict]:
@@ -204,8 +236,11 @@ def read_codes_folder(folder: str | os.PathLike) -> tuple[Dataset, dict[str, lis
     run_json = folder / "run.json"
     if not run_json.is_file() or not (folder / "codes").is_dir():
         raise InputError(f"{folder}: not a tokenize_dataset.py output folder (no run.json and codes/)")
-    record = json.loads(run_json.read_text(encoding="utf-8"))
-    size = int(((record.get("fingerprint") or {}).get("model") or {}).get("codebook", {}).get("size", 8192))
+    try:
+        record = json.loads(run_json.read_text(encoding="utf-8"))
+        size = int(((record.get("fingerprint") or {}).get("model") or {}).get("codebook", {}).get("size", 8192))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+        raise InputError(f"{run_json}: not a tokenize_dataset.py run record ({type(e).__name__}: {e})") from None
     codes: dict[str, list[int]] = {}
     bad = 0
     for f in sorted((folder / "codes").glob("*.jsonl")):
@@ -227,8 +262,14 @@ def codebook(out: str | os.PathLike, *, codes_folder: str | os.PathLike | None =
     """Codebook health from a tokenize_dataset.py folder (``codes_folder``) or from images
     (``tok`` + ``data``): share of codes used, perplexity, entropy per position, the most / least
     used codes, and ``histogram.png`` (code counts, sorted; entropy per position)."""
+    import json
+
     if codes_folder is not None:
         data, known, size = read_codes_folder(codes_folder)
+        # the codes are the data: their run's fingerprint and each codes file's size and mtime
+        folder = Path(codes_folder)
+        fingerprint = {**(fingerprint or {}), "codes_run": json.loads((folder / "run.json").read_text()).get(
+            "fingerprint"), "codes_files": files_fingerprint(folder / "codes")}
     elif tok is not None and data is not None:
         known, size = {}, int(tok.cfg.model.codebook.size)
     else:
@@ -345,14 +386,12 @@ def retrieval(model, data: Dataset, out: str | os.PathLike, *, batch_size: int =
         owner = [i for i, r in enumerate(ok) for _ in r["text_feats"]]
         sim = img @ txt.T
         metrics = recall_at_k(sim, owner, ks)
-        # per item: rank (0 = first) of its best caption, and of the image for each caption
-        owner_t = torch.tensor(owner)
+        # per item: rank (0 = first; ties count against it) of its best caption, and of the image for each caption
+        i2t_rank, t2i_rank = retrieval_ranks(sim, owner)
         items = []
         for i, r in enumerate(ok):
-            mine = owner_t == i
-            best = sim[i][mine].max()
-            t2i = [int((sim[:, j] > sim[i, j]).sum()) for j in mine.nonzero().flatten().tolist()]
-            items.append({"id": r["id"], "i2t_rank": int((sim[i] > best).sum()), "t2i_ranks": t2i})
+            t2i = [int(t2i_rank[j]) for j, o in enumerate(owner) if o == i]
+            items.append({"id": r["id"], "i2t_rank": int(i2t_rank[i]), "t2i_ranks": t2i})
         items += [r for r in rows if "error" in r]
         return _finish(run, rows, metrics, "mean_recall", {"images": len(ok), "texts": len(owner)}, items)
 
@@ -382,7 +421,8 @@ def text_to_image(pipe, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
 
     import torch
 
-    generation = {**T2I_GENERATION, **(generation or {})}
+    generation = generation_settings(T2I_GENERATION, generation)
+    _check_types(decode or {}, T2I_DECODE, "decode")
     decode = {**T2I_DECODE, **(decode or {})}
     settings = _llama_settings(pipe, template, generation, decode=decode, negative=negative, seed=seed,
                                force_image=True, clip=clip.name if clip else None)
@@ -419,13 +459,18 @@ def text_to_image(pipe, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
             for n, (ex, reply, p) in enumerate(made):
                 row = {"id": ex.id, "caption": ex.captions[0], "images": [_relative(run, p)],
                        "codes": reply.codes[0].tolist()}
+                reference = None
+                if ex.image is not None and (clip is not None or fid_features is not None):  # CLIP-I, FID
+                    try:
+                        reference = ex.open()
+                    except Exception as e:  # noqa: BLE001 - counted and reported, not fatal
+                        row["reference_error"] = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
+                        logger.warning("%s: the reference image cannot be read (%s); not in CLIP-I / FID",
+                                       ex.id, row["reference_error"])
                 if clip is not None:
                     row["clip_t"] = clip_t[n]
-                    if ex.image is not None:
-                        try:
-                            row["clip_i"] = float(clip.image_features([ex.open()])[0] @ gen[n])
-                        except InputError as e:
-                            row["reference_error"] = str(e)
+                    if reference is not None:
+                        row["clip_i"] = float(clip.image_features([reference])[0] @ gen[n])
                 rows.append(row)
             return rows
 
@@ -442,8 +487,12 @@ def text_to_image(pipe, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
         real = [by_id[r["id"]] for r in ok if by_id[r["id"]].image is not None and "reference_error" not in r]
         metrics.update(_set_scores(run, ok, real, fid_features if real else None, is_logits, lambda ex: ex.open()))
         headline = "clip_i" if "clip_i" in metrics else ("clip_t" if "clip_t" in metrics else next(iter(metrics), "n"))
-        settings_used = {"prompt": "bos + caption + <img>" if (template or pipe.template) == "raw" else "template"}
-        return _finish(run, rows, metrics, headline, settings_used)
+        extra = {"prompt": "bos + caption + <img>" if (template or pipe.template) == "raw" else "template",
+                 "n_reference_errors": sum("reference_error" in r for r in ok),
+                 "n_per_metric": {"clip_t": sum("clip_t" in r for r in ok), "clip_i": sum("clip_i" in r for r in ok),
+                                  "FID_real": len(real) if "FID" in metrics else 0,
+                                  "FID_generated": len(ok) if "FID" in metrics else 0}}
+        return _finish(run, rows, metrics, headline, extra)
 
 
 # --- SEED-LLaMA: VQA and captions -----------------------------------------------------------------
@@ -453,13 +502,23 @@ def _answer(reply) -> str:
     return text.splitlines()[0].strip() if text else ""
 
 
+def check_vqa_prompt(prompt: str) -> None:
+    """`InputError` unless ``prompt.format(question=...)`` works (``{q}`` or a stray brace do not)."""
+    try:
+        prompt.format(question="?")
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise InputError(f"prompt {prompt!r}: {type(e).__name__}: {e}; it may use only {{question}} "
+                         f"(write {{{{ and }}}} for literal braces)") from None
+
+
 def vqa(pipe, data: Dataset, out: str | os.PathLike, *, batch_size: int = 8, template: str | None = None,
         prompt: str = VQA_PROMPT, generation: Mapping[str, Any] | None = None, seed: int = 0,
         fingerprint: dict | None = None, progress: bool = True) -> dict | None:
     """SEED-LLaMA answers VQAv2-style questions: the VQA accuracy (official normalization, 10
     human answers) and exact match (normalized answer == the most common normalized human answer).
     The prompt is the image, then ``prompt.format(question=...)``; the answer is the reply's first line."""
-    generation = {**VQA_GENERATION, **(generation or {})}
+    generation = generation_settings(VQA_GENERATION, generation)
+    check_vqa_prompt(prompt)
     settings = _llama_settings(pipe, template, generation, prompt=prompt, seed=seed)
     with Run(out, "vqa", data, fingerprint or {}, settings, progress=progress) as run:
         def work(good: list[Example], images: list[Any]) -> list[dict]:
@@ -496,7 +555,7 @@ def caption(pipe, data: Dataset, out: str | os.PathLike, *, batch_size: int = 8,
         raise InputError("the caption task scores with pycocoevalcap, whose PTB tokenizer needs Java; install a JRE")
     if any(not ex.captions for ex in data.examples):
         raise InputError("caption needs reference captions for every image (JSONL or Karpathy JSON)")
-    generation = {**CAPTION_GENERATION, **(generation or {})}
+    generation = generation_settings(CAPTION_GENERATION, generation)
     settings = _llama_settings(pipe, template, generation, prompt=prompt, seed=seed)
     with Run(out, "caption", data, fingerprint or {}, settings, progress=progress) as run:
         def work(good: list[Example], images: list[Any]) -> list[dict]:

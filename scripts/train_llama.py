@@ -5,7 +5,7 @@
         model.base=pretrained/vicuna-7b-v1.1 data.train=codes/ train.output_dir=runs/pretrain
     ... --resume                       # continue from the newest checkpoint in OUTPUT/checkpoints
 
-Overrides ``key=value`` follow the flags (``train.max_steps=1000 train.save_every=500 train.seed=0``).
+Overrides ``key=value`` go before or after the flags (``train.max_steps=1000 train.save_every=500 train.seed=0``).
 Many nodes: the same command under ``torchrun --nnodes N --node-rank R --master-addr HOST ...``.
 Checkpoints go to OUTPUT/checkpoints/step_XXXXXXXX/, per-step metrics to OUTPUT/metrics.jsonl, and
 at the end the merged model + tokenizer (and the LoRA adapter in adapter/) to OUTPUT/export/, which
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a training config, e.g. configs/train/llama_sft.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
     import logging  # heavy imports only after parsing, so --help is fast
 

@@ -6,7 +6,7 @@
     ... --resume                       # continue from the newest checkpoint in OUTPUT/checkpoints
     ... --export-from CHECKPOINT_DIR   # stage 2: only export a checkpoint as a tokenizer folder
 
-Overrides ``key=value`` follow the flags (``train.max_steps=1000 train.save_every=500``). Many
+Overrides ``key=value`` go before or after the flags (``train.max_steps=1000 train.save_every=500``). Many
 nodes: the same command under ``torchrun --nnodes N --node-rank R --master-addr HOST ...``.
 Checkpoints go to OUTPUT/checkpoints/step_XXXXXXXX/, per-step metrics to OUTPUT/metrics.jsonl,
 and at the end of stage 2 a `seed.Tokenizer.from_pretrained` folder to OUTPUT/export/.
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-to", metavar="DIR", default=None,
                         help="with --export-from: the tokenizer folder to write (default OUTPUT/export)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
     import logging  # heavy imports only after parsing, so --help is fast
 

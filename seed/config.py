@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -142,7 +143,7 @@ def load_config(path: str | Path, *overrides: str, schema: type = TokenizerConfi
         raise InputError(f"overrides must look like key=value, got {bad}")
     try:
         layers = [OmegaConf.load(p), OmegaConf.from_dotlist(list(overrides))]
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise InputError(f"cannot parse config {p} or overrides {list(overrides)}: {e}") from None
     where = f"{p}" + (f" with overrides {list(overrides)}" if overrides else "")
     return validate(layers, schema, where)

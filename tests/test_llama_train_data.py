@@ -215,6 +215,38 @@ def test_pair_parts_and_message_rows_give_the_originals_ids(tmp_path, llama_tok)
     _assert_sample(batch, e)
 
 
+def test_a_named_format_applies_to_pair_rows_and_caption_pickles(llama_tok):
+    """With an explicit format the row's layout no longer picks the kind: a pair row in an sft_qa
+    source is the original's caption-tool qa sample (the fixed describe question, the caption as
+    the answer) on both branches; a caption pickle stays sft_qa (its answer branch raises, as the
+    original's); a pair row in an sft_story source is a bad row, not a caption."""
+    from seed.training.llm.data import ImageCodes, normalize_row
+    from seed.training.llm.format import RandomDraws
+
+    enc = SampleEncoder(llama_tok)
+    for sid in ("sft_coco_answer", "sft_t2i"):  # answer branch (rr 0.5 drew it), generate branch (rr -1)
+        s, e = _fixture_sample(sid)
+        row = {"codes": s["payload"]["image_ids"], "caption": s["payload"]["answer"]}
+        kind, payload = normalize_row(row, "sft_qa", RandomDraws(0), ImageCodes(), ".", sid)
+        assert kind == "sft_qa" and payload["question"] == s["payload"]["question"]
+        kw = {k: v for k, v in s["kwargs"].items() if k != "max_length"}
+        plan = FORMATTERS[kind](payload, None, decisions=s["decisions"], **kw)
+        got = _padded(*enc.encode(plan, s["kwargs"]["max_length"]), s["kwargs"]["max_length"])
+        assert got == (e["input_ids"], e["labels"], e["attention_mask"]), sid
+    pickle_row = {"image_ids": list(range(32)), "text": "A cat."}
+    assert normalize_row(pickle_row, "sft_qa", RandomDraws(0), ImageCodes(), ".", "w") == ("sft_qa", pickle_row)
+    assert normalize_row(pickle_row, "auto", RandomDraws(0), ImageCodes(), ".", "w")[0] == "caption"
+    assert normalize_row({"text": "hi"}, "auto", RandomDraws(0), ImageCodes(), ".", "w")[0] == "text"
+    kind, payload = normalize_row({"codes": list(range(32)), "question": "Q?", "answer": "a"}, "sft_qa",
+                                  RandomDraws(0), ImageCodes(), ".", "w")
+    assert kind == "sft_qa" and payload["image_ids"] == list(range(32)) and "codes" not in payload
+    kind, payload = normalize_row({"codes": list(range(32)), "caption": "A dog."}, "sft_story", RandomDraws(0),
+                                  ImageCodes(), ".", "w")
+    assert kind == "sft_story"
+    with pytest.raises(InputError, match="160"):
+        FORMATTERS[kind](payload, None)
+
+
 def test_tokenize_dataset_output_folder(tmp_path, llama_tok):
     """A tokenize_dataset.py output folder: codes/*.jsonl rows with the captions kept; errors/ ignored;
     rows with the image as text (--format text) read too."""
@@ -238,15 +270,16 @@ def test_tokenize_dataset_output_folder(tmp_path, llama_tok):
 def test_bad_rows_are_skipped_counted_and_logged(tmp_path, llama_tok, caplog):
     good = {"codes": list(range(32)), "caption": "A dog."}
     rows = [good, "{not json", {"codes": list(range(31)), "caption": "x"}, {"codes": [9000] * 32, "caption": "x"},
-            {"something": 1}, {"codes": list(range(32)), "caption": " ...; "}, [1, 2], good]
+            {"something": 1}, {"codes": list(range(32)), "caption": " ...; "}, [1, 2], "[" * 100000 + "]" * 100000, good]
     path = _write_jsonl(tmp_path / "rows.jsonl", rows)
     src = Source(name="mixed", files=[str(path)], batch_size=1, max_length=64, cycle=1)
     data = LlmData([src], llama_tok, seed=0, shuffle=False)
     with caplog.at_level("WARNING", logger="seed.training.llm.data"):
         assert len(list(data)) == 2
-    assert data.counts()["mixed"] == {"rows": 8, "samples": 2, "dropped": 1, "bad": 5, "batches": 2, "passes": 1}
+    assert data.counts()["mixed"] == {"rows": 9, "samples": 2, "dropped": 1, "bad": 6, "batches": 2, "passes": 1}
     text = caplog.text
-    for why in ("not a JSON line", "31 codes", "codes must be in [0, 8192)", "cannot tell the kind", "must be a JSON object"):
+    for why in ("not a JSON line", "31 codes", "codes must be in [0, 8192)", "cannot tell the kind", "must be a JSON object",
+                "nested too deeply"):
         assert why in text, why
     assert "rows.jsonl:2" in text  # the row is named
 
@@ -388,6 +421,11 @@ def test_config_and_bad_settings(tmp_path, llama_tok):
     bad_opts = Source(name="a", files=sources[0].files, format="caption", options={"max_images": 3})
     with pytest.raises(InputError, match="options"):
         next(LlmData([bad_opts], llama_tok))
+    with pytest.raises(InputError, match=r"data.sources\[1\].path"):
+        sources_from_config({"sources": [{"path": "a"}, {"path": 5}]}, base_dir=tmp_path)
+    with pytest.raises(InputError, match="caption_prompt"):  # an option no row can use: the config, not a bad row
+        next(LlmData([Source(name="a", files=sources[0].files, format="caption", options={"caption_prompt": "{1}"})],
+                     llama_tok))
     all_bad = _write_jsonl(tmp_path / "bad.jsonl", [{"x": 1}] * 3)
     with pytest.raises(InputError, match="no usable sample"):
         next(LlmData([Source(name="bad", files=[str(all_bad)])], llama_tok))
@@ -418,6 +456,29 @@ def test_image_paths_in_messages_are_tokenized_once(tmp_path, llama_tok):
     with pytest.raises(InputError, match="no usable sample"):
         next(data)
     assert data.counts()["chat"]["bad"] == 2
+
+
+def test_image_tokenizer_is_named_as_seed_tokenizer_load_takes_it(tmp_path, monkeypatch):
+    """data.image_tokenizer may be a config name (or YAML, folder, Hub id): it goes to Tokenizer.load."""
+    import seed.tokenizer
+    from seed.training.llm.data import ImageCodes
+
+    asked = []
+
+    class Fake:
+        def encode(self, images):
+            return torch.arange(32).unsqueeze(0)
+
+    def load(spec, *overrides):
+        asked.append(spec)
+        return Fake()
+
+    monkeypatch.setattr(seed.tokenizer.Tokenizer, "load", staticmethod(load))
+    monkeypatch.setattr(seed.tokenizer.Tokenizer, "from_pretrained",
+                        staticmethod(lambda *a, **k: pytest.fail("a config name is not a folder or Hub id")))
+    (tmp_path / "a.png").write_bytes(b"not read by the fake")
+    images = ImageCodes("seed2_tiny")
+    assert images(str(tmp_path / "a.png")) == tuple(range(32)) and asked == ["seed2_tiny"]
 
 
 def test_a_genuine_unk_is_masked_in_pretraining_only(llama_tok):

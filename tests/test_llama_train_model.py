@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seed.errors import CheckpointError
 from seed.training.llm import model as M
 from seed.training.llm import optim as O
 
@@ -243,3 +244,55 @@ def test_hf_adamw_update_rule():
     opt = O.HFAdamW([q], lr=0.1, weight_decay=0.5)
     opt.step()
     assert torch.equal(q.detach(), torch.ones(2))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_optimizer_state_is_keyed_by_name_for_ddp_and_fsdp(monkeypatch):
+    """A 1-process checkpoint's optimizer state loads into an FSDP2-sharded model (a 1-rank gloo
+    group stands for the 2-rank job) and comes back equal; an older state keyed by index loads too."""
+    import socket
+
+    import torch.distributed as dist
+
+    from seed.training.llm import train as T
+    from seed.training.llm.config import load_llama_train_config
+
+    cfg = load_llama_train_config(Path(__file__).parents[1] / "configs" / "train" / "llama_pretrain_tiny.yaml",
+                                  "model.lora.dropout=0")
+    tok = T.load_tokenizer(cfg.model)
+
+    def make(fsdp: bool):
+        model = T.build(cfg, tok)
+        net = T._wrap(model, "fsdp", None) if fsdp else model
+        groups = O.param_groups(M.trainable_named_parameters(net), 0.05, dict(model.named_modules()))
+        return net, O.HFAdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-5)
+
+    net, opt = make(False)
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    net(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    state = T._optimizer_state(net, opt, False)
+    names = [n for n, _ in M.trainable_named_parameters(net)]
+    assert sorted(state["state"]) == sorted(names)
+    again, opt2 = make(False)
+    T._load_optimizer_state(again, opt2, opt.state_dict(), False)  # an older checkpoint: keyed by index
+    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(opt2.state.values(), opt.state.values()))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        sharded, opt3 = make(True)
+        T._load_optimizer_state(sharded, opt3, state, True)
+        back = T._optimizer_state(sharded, opt3, True)
+    finally:
+        dist.destroy_process_group()
+    assert sorted(back["state"]) == sorted(names)
+    for n in names:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(back["state"][n][k], state["state"][n][k]), (n, k)
+    with pytest.raises(CheckpointError, match="other trainable parameters"):
+        T._load_optimizer_state(net, opt, {"state": {}, "param_groups": [{"params": ["x"]}, {"params": []}]}, False)

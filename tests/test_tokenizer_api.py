@@ -206,3 +206,8 @@ def test_load_takes_whatever_names_a_tokenizer(parity_tok, parity_cfg, paths, tm
     assert seed.Tokenizer.load(TINY, "model.image_size=28").cfg.model.image_size == 28
     with pytest.raises(seed.InputError, match="overrides"):
         seed.Tokenizer.load(tmp_path / "saved", "model.image_size=28")
+
+
+def test_an_override_yaml_cannot_parse_is_an_input_error():
+    with pytest.raises(seed.InputError, match="cannot parse"):
+        seed.load_config(TINY, "model.image_size=[{a:1")

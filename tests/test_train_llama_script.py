@@ -118,6 +118,18 @@ def test_resume_refuses_other_model_or_data(straight, tmp_path, caplog):
     caplog.clear()  # without --resume a folder with checkpoints is refused too
     assert train(f"train.output_dir={out}") == 2
     assert "--resume" in caplog.text
+    # max_steps is run-only but the schedule's length is not: a longer resume keeps the first run's curve
+    from seed.training.llm.optim import lr_at_step
+
+    caplog.clear()
+    assert train(f"train.output_dir={out}", "train.schedule_steps=8", "--resume") == 2
+    assert "train.schedule_steps" in caplog.text
+    assert train(f"train.output_dir={out}", "--resume", "train.max_steps=8") == 0  # overrides on both sides
+    rows = metrics(out)
+    assert values(rows[:STEPS]) == values(metrics(straight)) and [r["step"] for r in rows[STEPS:]] == [7, 8]
+    for r in rows[STEPS:]:  # the lr of the tiny recipe's 6-step schedule, continued
+        assert r["lr"] == pytest.approx(lr_at_step(r["step"] - 1, lr=2e-3, max_steps=STEPS, warmup_ratio=0.25,
+                                                   min_lr_ratio=0.1), abs=1e-12)
 
 
 def test_non_finite_loss_stops_keeping_the_last_checkpoint(tmp_path, caplog):
@@ -204,3 +216,16 @@ def test_released_recipes_reproduce_the_original_schedules():
     assert len(pre.data.sources) == 6 and sum(s.weight for s in pre.data.sources) == pytest.approx(10.0)
     assert len(sft.data.sources) == 18 and sum(s.weight for s in sft.data.sources) == pytest.approx(3.81)
     assert pre.train.grad_accum == 4 and sft.train.grad_accum == 1
+
+
+def test_bad_configs_are_input_errors_naming_the_key():
+    from seed.errors import InputError
+    from seed.training.llm import model as M
+    from seed.training.llm.config import load_llama_train_config
+
+    for override, key in (("model.tiny.heads=3", "model.tiny.heads"), ("train.lr=[1,", "train.lr"),
+                          ("train.schedule_steps=0", "train.schedule_steps")):
+        with pytest.raises(InputError, match=key):
+            load_llama_train_config(PRETRAIN, override)
+    with pytest.raises(InputError, match="model.lora.target_modules"):
+        M.apply_lora(M.tiny_base(600), M.LoraSettings(target_modules=["nope"]))

@@ -60,13 +60,17 @@ class LlmTrainSection(RunSection):
 
     output_dir: str = "outputs/llama"
     max_steps: Optional[int] = 30000
-    """Optimizer steps; also the schedule's length (the cosine reaches min_lr_ratio x lr here)."""
+    """Optimizer steps of this run (run-only: a resume may change it; the schedule stays)."""
+    schedule_steps: Optional[int] = None
+    """The schedule's length: warmup + cosine reach min_lr_ratio x lr here (the original's
+    max_steps). null: max_steps, fixed when the run starts and saved with its config, so a resume
+    with another max_steps keeps the learning-rate curve (past it the original's formula rises again)."""
     seed: int = 42
     save_every: int = 1000
     log_every: int = 1
     lr: float = 1.5e-4
     warmup_ratio: float = 0.03
-    """Warmup steps = ceil(max_steps x warmup_ratio)."""
+    """Warmup steps = ceil(schedule_steps x warmup_ratio)."""
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -101,9 +105,25 @@ def load_llama_train_config(path: str | Path, *overrides: str) -> DictConfig:
     """Load and validate a SEED-LLaMA training config with ``key=value`` overrides.
 
     Raises `seed.InputError` for an unknown key, a wrong type or a value out of range."""
+    _check_override_values(overrides)
     cfg = load_config(path, *overrides, schema=LlamaTrainConfig)
     check_llama_train_config(cfg, str(path))
     return cfg
+
+
+def _check_override_values(overrides: tuple[str, ...]) -> None:
+    """An override whose value YAML cannot parse -> `InputError` naming it (not a YAML traceback)."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    for o in overrides:
+        try:
+            OmegaConf.from_dotlist([o])
+        except yaml.YAMLError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"override {o!r}: the value of {o.split('=', 1)[0]!r} is not valid YAML ({first})") from None
+        except OmegaConfBaseException:  # load_config reports these, naming the override
+            continue
 
 
 def check_llama_train_config(cfg: DictConfig, where: str = "config") -> None:
@@ -113,6 +133,7 @@ def check_llama_train_config(cfg: DictConfig, where: str = "config") -> None:
         (m.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}"),
         (m.lora is None or (m.lora.r >= 1 and 0 <= m.lora.dropout < 1), "model.lora", "r >= 1, 0 <= dropout < 1"),
         (t.max_steps is not None and t.max_steps >= 1, "train.max_steps", "must be >= 1"),
+        (t.schedule_steps is None or t.schedule_steps >= 1, "train.schedule_steps", "must be >= 1 or null"),
         (t.lr >= 0, "train.lr", "must be >= 0"),
         (0 <= t.warmup_ratio <= 1, "train.warmup_ratio", "must be in [0, 1]"),
         (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]"),
@@ -127,6 +148,13 @@ def check_llama_train_config(cfg: DictConfig, where: str = "config") -> None:
         (t.keep_last >= 0, "train.keep_last", "must be >= 0"),
         (t.export_dtype is None or t.export_dtype in DTYPES, "train.export_dtype", f"one of {sorted(DTYPES)} or null"),
     ]
+    if m.base == "tiny":
+        tiny = m.tiny
+        checks += [
+            (min(tiny.hidden, tiny.layers, tiny.heads, tiny.intermediate) >= 1, "model.tiny", "sizes must be >= 1"),
+            (tiny.heads >= 1 and tiny.hidden % tiny.heads == 0 and (tiny.hidden // tiny.heads) % 2 == 0,
+             "model.tiny.heads", f"must divide model.tiny.hidden ({tiny.hidden}) into heads of an even width"),
+        ]
     for ok, key, why in checks:
         if not ok:
             raise InputError(f"{where}: bad value for '{key}' ({OmegaConf.select(cfg, key)!r}): {why}")

@@ -9,11 +9,12 @@ The ``data:`` section of a SEED-LLaMA training config (`LlmDataConfig`; unknown 
       max_length: 200        # every sequence is cut or right-padded to this (a source may override)
       shuffle: true          # shuffle file order and the rows inside each file, per pass
       pad_to: max_length     # or longest: pad each batch to its longest sequence (same loss)
-      image_tokenizer: null  # seed.Tokenizer name/folder: image PATHS in message rows become codes
+      image_tokenizer: null  # seed.Tokenizer.load spec (config name/YAML, folder, Hub id): image
+                             # PATHS in rows become codes
       sources:               # the mixture (the original's recipes, spec section 5)
         - path: data/laion   # str or list of str: files, folders (recursive), globs
           name: laion        # default: the file or folder name
-          format: caption    # auto | a kind of seed.training.llm.format.FORMATTERS
+          format: caption    # auto (the row's layout picks the kind) | a kind of FORMATTERS (every row)
           weight: 5.0        # relative chance that the next micro-batch comes from this source
           batch_size: null   # global micro-batch of this source (null: data.batch_size)
           max_length: 140    # null: data.max_length
@@ -57,7 +58,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...errors import InputError
-from .format import FORMATTERS, Plan, RandomDraws, SampleEncoder, collate
+from .format import FORMATTERS, OptionError, Plan, RandomDraws, SampleEncoder, collate
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class LlmDataConfig:
     """max_length (the original: every batch padded to its source's max_length) or longest (to the
     longest sequence of the rank's batch: the same ids, labels and loss, fewer pad tokens)."""
     image_tokenizer: Optional[str] = None
-    """A `seed.Tokenizer` name or folder for image paths in message rows (built on first use)."""
+    """For image paths in rows: anything `seed.Tokenizer.load` takes (a config name such as
+    ``seed2_tokenizer`` or a YAML file, a ``save_pretrained`` folder, a Hub id); built on first use."""
 
 
 # --------------------------------------------------------------------------- reading files
@@ -194,6 +196,8 @@ def _json(line: bytes, where: str) -> Any:
         return json.loads(line)
     except ValueError as e:
         raise InputError(f"{where}: not a JSON line: {e}") from None
+    except RecursionError:
+        raise InputError(f"{where}: not a usable JSON line: nested too deeply") from None
 
 
 # --------------------------------------------------------------------------- rows -> (kind, payload)
@@ -202,8 +206,9 @@ def _json(line: bytes, where: str) -> Any:
 class ImageCodes:
     """Image paths -> codes with a `seed.Tokenizer`, each path encoded once (cached).
 
-    ``tokenizer``: a `seed.Tokenizer`, a name/folder for `seed.Tokenizer.from_pretrained`, or a
-    callable returning one; it is built on the first image that needs it."""
+    ``tokenizer``: a `seed.Tokenizer`, anything `seed.Tokenizer.load` takes (a config name such as
+    ``seed2_tokenizer`` or a YAML file, a ``save_pretrained`` folder, a Hub id), or a callable
+    returning one; it is built on the first image that needs it."""
 
     def __init__(self, tokenizer: Any = None):
         self._tokenizer = tokenizer
@@ -217,7 +222,7 @@ class ImageCodes:
             if isinstance(tok, (str, os.PathLike)):
                 from ...tokenizer import Tokenizer
 
-                tok = self._tokenizer = Tokenizer.from_pretrained(tok)
+                tok = self._tokenizer = Tokenizer.load(tok)
             elif callable(tok) and not hasattr(tok, "encode"):
                 tok = self._tokenizer = tok()
             if not os.path.isfile(path):
@@ -255,39 +260,54 @@ def _image_part(p: Mapping, images: ImageCodes, base: str, where: str) -> dict:
     return p
 
 
+DESCRIBE_QUESTION = "Please provide an accurate and concise description of the given image."
+"""The question the original's caption extraction tool (``_qa`` variant, spec section 4) writes
+for every caption: a pair row with ``format: sft_qa`` gets it, its caption as the answer."""
+
+
 def normalize_row(row: Any, fmt: str, rng: RandomDraws, images: ImageCodes, base: str, where: str) -> tuple[str, Any]:
     """A row of a source with format ``fmt`` -> ``(kind, payload)`` for `FORMATTERS`.
 
     Our layouts become the original's payloads: a pair (``codes`` or the image ``text``, +
-    ``caption``; a list of captions: one picked at random) -> ``{"image_ids", "text"}``, format
-    caption; ``parts`` -> ``{"image_ids", "texts"}``, format mmc4; ``messages`` (image paths become
-    codes) -> format messages. An explicit ``fmt`` overrides the format (a pair row with sft_qa is
-    a text-to-image sample, as the original's caption pickles). Format auto on other rows: an
-    original caption pickle (``image_ids`` + ``text``) -> caption, ``{"text"}`` -> text."""
+    ``caption``; a list of captions: one picked at random) -> ``{"image_ids", "text"}``; ``parts``
+    -> ``{"image_ids", "texts"}``; ``messages`` (image paths become codes) -> ``{"messages"}``.
+    With ``fmt`` auto the kind follows the row: pair -> caption, parts -> mmc4, messages ->
+    messages, an original caption pickle (``image_ids`` + ``text``) -> caption, ``{"text"}`` ->
+    text. An explicit ``fmt`` is always the kind: a pair row with ``sft_qa`` becomes what the
+    original's caption tool writes for it (``image_ids``, ``question`` = `DESCRIBE_QUESTION`,
+    ``answer`` = the caption), so the answer branch describes the image and the generate branch
+    (``reverse_ratio`` -1: always) is a text-to-image instruction; any other row with ``codes``
+    gets them as ``image_ids``; other rows go to the formatter as they are (a row that does not
+    fit the kind is a bad row)."""
     if not isinstance(row, Mapping):
         raise InputError(f"{where}: a row must be a JSON object / dict, got {type(row).__name__}")
-    layout, kind = _layout(row), fmt
+    layout, auto = _layout(row), fmt == "auto"
     if layout == "pair":
         caption = row.get("caption")
         if isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
             caption = rng.choice(list(caption))
         if not isinstance(caption, str):
             raise InputError(f"{where}: a pair row needs a 'caption' str (or list of str)")
-        kind, row = "caption", {"image_ids": _row_codes(row, where), "text": caption}
-    elif layout == "parts":
-        kind, row = "mmc4", _parts_payload(row["parts"], images, base, where)
-    elif layout == "messages":
-        kind, row = "messages", _messages_payload(row, images, base, where)
-    elif "image_ids" in row and "text" in row:
-        kind = "caption"
-    elif "codes" in row:
+        codes = _row_codes(row, where)
+        if fmt == "sft_qa":
+            return fmt, {"image_ids": codes, "question": DESCRIBE_QUESTION, "answer": caption}
+        return ("caption" if auto else fmt), {"image_ids": codes, "text": caption}
+    if layout == "parts":
+        return ("mmc4" if auto else fmt), _parts_payload(row["parts"], images, base, where)
+    if layout == "messages":
+        return ("messages" if auto else fmt), _messages_payload(row, images, base, where)
+    if not auto:
+        if row.get("codes") is not None and "image_ids" not in row:
+            row = {**{k: v for k, v in row.items() if k != "codes"}, "image_ids": row["codes"]}
+        return fmt, row
+    if "image_ids" in row and "text" in row:
+        return "caption", row
+    if "codes" in row:
         raise InputError(f"{where}: a row with codes needs a 'caption'")
-    elif isinstance(row.get("text"), str):
-        kind = "text"
-    elif fmt == "auto":
-        raise InputError(f"cannot tell the kind of a row with keys {sorted(map(str, row))}: a row holds "
-                         "'codes' + 'caption', 'parts', 'messages' or 'text' (or name the source's format)")
-    return kind, row
+    if isinstance(row.get("text"), str):
+        return "text", row
+    raise InputError(f"cannot tell the kind of a row with keys {sorted(map(str, row))}: a row holds "
+                     "'codes' + 'caption', 'parts', 'messages' or 'text' (or name the source's format)")
 
 
 def _parts_payload(parts: Any, images: ImageCodes, base: str, where: str) -> dict:
@@ -351,18 +371,25 @@ def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> 
     """`LlmDataConfig` (a dataclass, DictConfig or dict) -> resolved `Source` list (files listed)."""
     get = (lambda o, k, d=None: o.get(k, d)) if isinstance(cfg, Mapping) or hasattr(cfg, "keys") else \
         (lambda o, k, d=None: getattr(o, k, d))
-    entries = [dict(path=get(cfg, "train"), name="train")] if get(cfg, "train") else []
-    for s in get(cfg, "sources") or []:
-        entries.append({k: get(s, k) for k in ("path", "name", "format", "weight", "batch_size", "max_length",
-                                               "cycle", "options")})
+    entries = [dict(path=get(cfg, "train"), name="train", key="data.train")] if get(cfg, "train") else []
+    for k, s in enumerate(get(cfg, "sources") or []):
+        entries.append({"key": f"data.sources[{k}]", **{f: get(s, f) for f in (
+            "path", "name", "format", "weight", "batch_size", "max_length", "cycle", "options")}})
     if not entries:
         raise InputError("data: give data.train or data.sources")
     out = []
     for k, e in enumerate(entries):
-        path = e["path"]
-        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path or [])
+        path, key = e["path"], e["key"]
+        if isinstance(path, (str, os.PathLike)):
+            paths = [path]
+        elif isinstance(path, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in path):
+            paths = list(path)
+        else:
+            raise InputError(f"{key}.path: a path (str) or a list of paths, got {path!r}")
         name = e.get("name") or (Path(str(paths[0])).name if paths else f"source{k}")
         opts = e.get("options") or {}
+        if not isinstance(opts, Mapping):
+            raise InputError(f"{key}.options: a mapping of formatter options, got {opts!r}")
         out.append(Source(name=name, files=list_files(paths, base_dir), format=e.get("format") or "auto",
                           weight=float(e.get("weight") or 1.0),
                           batch_size=int(e.get("batch_size") or get(cfg, "batch_size", 8)),
@@ -433,6 +460,8 @@ class _Stream:
             try:
                 kind, payload = normalize_row(load(), self.src.format, self.draws, self.images, self._base, where)
                 plan = FORMATTERS[kind](payload, self.draws, **self.formatter_options)
+            except OptionError as e:
+                raise InputError(f"source {self.src.name!r}: bad options {self.formatter_options}: {e}") from None
             except InputError as e:
                 self._bad(where, e)
                 continue

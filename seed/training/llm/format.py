@@ -87,6 +87,11 @@ DIFFERENCE_RENAMES = [("image a", "the first image"), ("image A", "the first ima
 VIDEO_NOISE_MARKER = "\nQA_GT_caption_based_noisy"
 
 
+class OptionError(InputError):
+    """A formatter option that cannot work for any row (e.g. a ``caption_prompt`` without ``{}``):
+    the source's config is wrong, not one row."""
+
+
 # --------------------------------------------------------------------------- draws
 
 
@@ -243,7 +248,11 @@ def format_caption(row: Mapping, rng: Draws | None = None, *, reverse_ratio: flo
         index = 0
     else:
         index = _decide(decisions, "prompt_index", rng and (lambda: prompts.index(rng.choice(prompts))))
-    caption = prompts[index].format(text)
+    try:
+        caption = prompts[index].format(text)
+    except (IndexError, KeyError, ValueError, AttributeError) as e:
+        raise OptionError(f"caption_prompt {prompts[index]!r}: must be a str holding one '{{}}' for the caption "
+                          f"({type(e).__name__}: {e})") from None
     image_first = bool(_decide(decisions, "image_first", rng and (lambda: rng.uniform() < reverse_ratio)))
     if _blank(text):
         return None

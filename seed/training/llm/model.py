@@ -117,7 +117,11 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> nn.Module:
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         task_type="CAUSAL_LM", target_modules=list(lora.target_modules),
                         modules_to_save=list(lora.modules_to_save) or None)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. peft's NoMatchingPeftModuleError: no module matches target_modules
+        raise InputError(f"model.lora.target_modules {list(lora.target_modules)} / modules_to_save "
+                         f"{list(lora.modules_to_save)}: {e}") from None
 
 
 def is_peft(model: nn.Module) -> bool:

@@ -9,7 +9,8 @@ one process):
    ``train.seed`` so that every rank starts from the same weights; a resumed run then loads the
    checkpoint's trainable tensors.
 3. The original's optimizer and schedule (`seed.training.llm.optim`): old HF AdamW on every
-   trainable tensor, warmup + cosine to ``min_lr_ratio``, clip, lr 0 on the first step.
+   trainable tensor, warmup + cosine to ``min_lr_ratio`` over ``train.schedule_steps`` (null:
+   ``max_steps`` of the run's start, saved in the checkpoints), clip, lr 0 on the first step.
 4. The data (`seed.training.llm.data.LlmData`): one source per global micro-batch, each rank its
    share; resumed from the checkpoint's position.
 5. The step: ``grad_accum`` micro-batches, each loss the token mean of its GLOBAL micro-batch
@@ -25,7 +26,8 @@ one process):
 Parallelism: ``train.parallel=ddp`` wraps the model in DistributedDataParallel; ``fsdp`` shards
 parameters, gradients and optimizer state with FSDP2 (``fully_shard`` per decoder layer) for
 7B-14B models. Both run on gloo (CPU) and NCCL (GPUs) and write the same checkpoint contents
-(whole trainable tensors; the optimizer state keyed by index for ddp, by name for fsdp).
+(whole trainable tensors; the optimizer state keyed by parameter name), so a checkpoint resumes
+under either on any number of processes.
 """
 
 from __future__ import annotations
@@ -176,6 +178,11 @@ def _train(run: Run) -> dict:
     cfg, d = run.cfg, run.dist
     check_llama_train_config(cfg, "the run's config")
     t = cfg.train
+    # the schedule's length: fixed when the run starts and saved, so a resume with another max_steps keeps it
+    schedule = int(t.schedule_steps or (run.state.get("schedule_steps") if run.resumed else None) or t.max_steps)
+    if t.max_steps > schedule:
+        logger.warning("train.max_steps %d > the schedule's %d steps (train.schedule_steps): past its end the "
+                       "original's cosine rises again", t.max_steps, schedule)
     if cfg.data.train is None and not cfg.data.sources:
         raise InputError("no training data: pass data.train=FILE_OR_FOLDER or list data.sources")
     tokenizer = load_tokenizer(cfg.model)
@@ -189,7 +196,7 @@ def _train(run: Run) -> dict:
     named = M.trainable_named_parameters(net if fsdp else model)
     groups = O.param_groups(named, t.weight_decay, dict(model.named_modules()))
     optimizer = O.HFAdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
-    scheduler = O.make_scheduler(optimizer, max_steps=t.max_steps, warmup_ratio=t.warmup_ratio,
+    scheduler = O.make_scheduler(optimizer, max_steps=schedule, warmup_ratio=t.warmup_ratio,
                                  min_lr_ratio=t.min_lr_ratio)
     scaler = torch.amp.GradScaler("cuda") if d.device.type == "cuda" and t.precision == "fp16" else None
     if run.resumed:
@@ -205,7 +212,7 @@ def _train(run: Run) -> dict:
 
     def save(at: int) -> None:
         state = {"optimizer": _optimizer_state(net, optimizer, fsdp), "scheduler": scheduler.state_dict(),
-                 "data": data.state_dict()}
+                 "schedule_steps": schedule, "data": data.state_dict()}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         run.save(at, _full_trainable(net, fsdp), state)
@@ -304,21 +311,43 @@ def _wrap(model: torch.nn.Module, parallel: str, d) -> torch.nn.Module:
 
 
 def _optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
-    """The optimizer's state dict (FSDP: whole tensors gathered to the CPU, keyed by parameter name)."""
+    """The optimizer's state dict keyed by parameter NAME, whole tensors (FSDP: gathered to the CPU),
+    so that a checkpoint resumes under ddp or fsdp on any number of processes."""
     if not fsdp:
-        return optimizer.state_dict()
+        return _by_name(optimizer.state_dict())
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _load_optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
-    if not fsdp:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def _by_name(state: dict) -> dict:
+    """A torch optimizer state dict keyed by index -> keyed by the names in its groups' ``names``
+    (torch.distributed.checkpoint's full layout); one keyed by name is returned as is."""
+    if all(isinstance(p, str) for g in state["param_groups"] for p in g["params"]):
+        return state
+    try:
+        name = {i: n for g in state["param_groups"] for i, n in zip(g["params"], g["names"], strict=True)}
+        return {"state": {name[i]: v for i, v in state["state"].items()},
+                "param_groups": [dict(g, params=[name[i] for i in g["params"]]) for g in state["param_groups"]]}
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's optimizer state does not name its parameters ({e})") from None
 
-    set_optimizer_state_dict(net, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+def _load_optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    """Load `_optimizer_state` (or an older one keyed by index) into this run's optimizer."""
+    state = _by_name(state)
+    saved = [list(g["params"]) for g in state["param_groups"]]
+    if saved != [list(g["names"]) for g in optimizer.param_groups]:
+        raise CheckpointError("the checkpoint's optimizer state holds other trainable parameters than this model's")
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(net, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+        return
+    index = {n: i for i, n in enumerate(n for names in saved for n in names)}
+    optimizer.load_state_dict({"state": {index[n]: v for n, v in state["state"].items()},
+                               "param_groups": [dict(g, params=[index[n] for n in g["params"]])
+                                                for g in state["param_groups"]]})
 
 
 def _full_trainable(net: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:

@@ -6,10 +6,12 @@ shared by every browser tab) and thin handlers over `seed.Tokenizer` and `seed.l
 browser tab keeps its own conversation in a `gr.State`; the queue runs at most
 `CHAT_CONCURRENCY` chat turns and `TOKENIZER_CONCURRENCY` tokenizer jobs at once (the rest
 wait, in order, up to `QUEUE_SIZE`). Bad input (a file that is not an image, a decompression
-bomb, codes that are not 32 integers in range, an empty message) becomes a message on the page,
-never a traceback; an unexpected error in one user's turn is logged and shown to that user, and
-leaves everyone's conversation as it was. Uploaded files are only read (by the library's image
-reader); generated images are written to a private temporary folder and served by Gradio's cache.
+bomb, an image over `MAX_PIXELS`, codes that are not 32 integers in range, an empty message, a
+setting that is not a finite number in range) becomes a message on the page, never a traceback;
+an unexpected error in one user's turn is logged and shown to that user, and leaves everyone's
+conversation as it was. A turn whose user leaves stops generating at the next token. Uploaded
+files are only read (by the library's image reader); generated images are written to a private
+temporary folder (removed at exit, SIGTERM included) and served by Gradio's cache.
 
 ``demo_app.py`` (top level) is the command line; ``main`` here does the work.
 """
@@ -18,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import numbers
 import os
 import random
 import re
+import signal
 import tempfile
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +61,12 @@ QUEUE_SIZE = 64
 MAX_FILE_SIZE = "25mb"
 """The largest upload Gradio accepts."""
 MAX_IMAGES_PER_TURN = 8
+MAX_PIXELS = 25_000_000
+"""The largest image the demo reads, in pixels (a 24-megapixel photo fits). Pillow's bomb guard only
+warns up to ~179 megapixels, and a small file can claim that many (a 15 KB 1-bit PNG of 11000x11000
+costs ~1.6 GB to read): this demo limit keeps one upload from taking the server's memory."""
+THUMBNAIL = 1024
+"""The longest side of the copy of an uploaded image that the Tokenizer tab sends back for display."""
 DEFAULT_LLM = "AILab-CVC/seed-llama-8b-sft"
 TINY = "tiny"
 """``--llm tiny``: a tiny random LM and tokenizer, no downloads (for smoke runs and tests)."""
@@ -117,7 +129,7 @@ class Demo:
         self._image_tokenizer_spec = image_tokenizer
         self._tokenizer: Tokenizer | None = None
         self._lock = threading.Lock()
-        self._tmp = tempfile.TemporaryDirectory(prefix="seed-demo-")  # generated images; removed at exit
+        self._tmp = tempfile.TemporaryDirectory(prefix="seed-demo-")  # generated images; removed at exit or close
         self._out = Path(self._tmp.name)
         self.llm = llm
         self.pipe: SeedLlama | None = None
@@ -185,6 +197,10 @@ class Demo:
         return {"steps": int(d.get("steps") or 20), "seed": int(d.get("seed") or 0),
                 "num_samples": int(d.get("num_samples") or 1)}
 
+    def close(self) -> None:
+        """Remove the folder of generated images (done at exit too; `main` also does it on SIGTERM)."""
+        self._tmp.cleanup()
+
     def _save(self, image: Image.Image) -> str:
         path = self._out / f"{uuid.uuid4().hex}.png"
         image.save(path)
@@ -199,17 +215,15 @@ class Demo:
         try:
             if not file:
                 raise _UserError("upload an image first")
-            name = Path(file).name
+            settings = _decode_settings(seed, steps)
+            n = _integer(samples, "samples", 1, 8)
             progress(0.1, desc="encoding")
-            try:
-                codes = self.tokenizer.encode([file])
-            except InputError as e:
-                raise InputError(str(e).replace(str(file), name)) from None
+            image = _read_upload(file)
+            codes = self.tokenizer.encode([image])[0].tolist()
             progress(0.4, desc="decoding")
-            images = self._decode(codes[0].tolist(), seed, steps, samples)
-            from .images import open_image
-
-            return format_codes(codes[0].tolist()), [(self._save(open_image(file)), "input")] + images
+            images = self._decode(codes, settings, n)
+            image.thumbnail((THUMBNAIL, THUMBNAIL))  # the page shows it: no need to send a big one back
+            return format_codes(codes), [(self._save(image), "input")] + images
         except Exception as e:  # noqa: BLE001 (every failure becomes a message on the page)
             raise _page_error(e) from None
 
@@ -219,6 +233,7 @@ class Demo:
         progress = progress or (lambda *a, **k: None)
         try:
             codes = parse_codes(text)
+            settings, samples = _decode_settings(seed, steps), _integer(samples, "samples", 1, 8)
             n, size = self.tokenizer.cfg.model.qformer.num_queries, self.tokenizer.cfg.model.codebook.size
             if len(codes) != n:
                 raise InputError(f"codes: expected {n} integers, got {len(codes)}")
@@ -226,15 +241,11 @@ class Demo:
             if bad:
                 raise InputError(f"codes: {bad[1]} (code {bad[0] + 1}) is outside [0, {size})")
             progress(0.1, desc="decoding")
-            return self._decode(codes, seed, steps, samples)
+            return self._decode(codes, settings, samples)
         except Exception as e:  # noqa: BLE001
             raise _page_error(e) from None
 
-    def _decode(self, codes: list[int], seed: float, steps: float, samples: float) -> list[tuple[str, str]]:
-        settings = _decode_settings(seed, steps)
-        n = int(samples)
-        if not 1 <= n <= 8:
-            raise InputError(f"samples must be 1 to 8, got {samples}")
+    def _decode(self, codes: list[int], settings: dict[str, Any], n: int) -> list[tuple[str, str]]:
         images = self.tokenizer.decode([codes], num_samples=n, **settings)
         return [(self._save(im), f"sample {k + 1} (seed {settings['seed']})") for k, im in enumerate(images)]
 
@@ -267,6 +278,20 @@ class Demo:
             pipe = self.pipe
             if pipe is None:
                 raise _UserError("no LM: start the demo with --llm (e.g. --llm AILab-CVC/seed-llama-8b-sft) to chat")
+            for f in files:
+                _check_pixels(f)
+            seed_value = _seed(seed)
+            decode = _decode_settings(seed_value, steps)
+            generation: dict[str, Any] = {"max_new_tokens": _integer(max_new_tokens, "max new tokens", 1, 4096)}
+            if force_image and generation["max_new_tokens"] < NUM_IMAGE_TOKENS + 1:
+                raise InputError(f"force image: an image takes {NUM_IMAGE_TOKENS + 1} new tokens (32 codes and </img>); "
+                                 f"max new tokens is {generation['max_new_tokens']}")
+            temperature = _number(temperature, "temperature", 0, 10)
+            top_p = _number(top_p, "top-p", 0.01, 1)
+            if temperature > 0:
+                generation.update(do_sample=True, temperature=temperature, top_p=top_p)
+            else:
+                generation["do_sample"] = False
             shown_user = [{"role": "user", "content": {"path": f}} for f in files]
             if text:
                 shown_user.append({"role": "user", "content": text})
@@ -285,32 +310,24 @@ class Demo:
                     raise InputError(msg) from None
             user = {"role": "user", "content": [{"type": "image", "codes": c} for c in codes] + ([text] if text else [])}
             history = [m for t in state["turns"] for m in (t["user"], t["assistant"])]
-            seed_value = _seed(seed)
-            generation: dict[str, Any] = {"max_new_tokens": int(max_new_tokens)}
-            if not 1 <= generation["max_new_tokens"] <= 4096:
-                raise InputError(f"max new tokens must be 1 to 4096, got {max_new_tokens}")
-            if force_image and generation["max_new_tokens"] < NUM_IMAGE_TOKENS + 1:
-                raise InputError(f"force image: an image takes {NUM_IMAGE_TOKENS + 1} new tokens (32 codes and </img>); "
-                                 f"max new tokens is {generation['max_new_tokens']}")
-            if temperature and temperature > 0:
-                generation.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
-            else:
-                generation["do_sample"] = False
             logger.info("chat turn: %d image(s), %d earlier turn(s), force_image=%s, seed=%d, %s", len(codes),
                         len(state["turns"]), bool(force_image), seed_value, generation)
             progress(0.1, desc="generating")
             reply = None
-            for partial in _stream(pipe, history + [user], force_image=bool(force_image), seed=seed_value,
-                                   decode_images=False, constrain_images=bool(constrain), template=template or None,
-                                   **generation):
-                if isinstance(partial, str):
-                    yield before + shown_user + [{"role": "assistant", "content": partial}], state, gr.update(), \
-                        _images(state)
-                else:
-                    reply = partial
+            stream = _stream(pipe, history + [user], force_image=bool(force_image), seed=seed_value,
+                             decode_images=False, constrain_images=bool(constrain), template=template or None,
+                             **generation)
+            try:
+                for partial in stream:
+                    if isinstance(partial, str):
+                        yield before + shown_user + [{"role": "assistant", "content": partial}], state, gr.update(), \
+                            _images(state)
+                    else:
+                        reply = partial
+            finally:  # closed here (the user left: Gradio closes this generator): the LM stops at once
+                stream.close()
             shown: list[dict] = []
             images: list[str] = []
-            decode = _decode_settings(seed_value, steps)
             n_images = len(reply.codes)
             text_so_far = ""
             for part in reply.parts:
@@ -470,34 +487,55 @@ class Demo:
 _IMAGE_TOKENS = re.compile(r"(?:\s*(?:</?img>|<img_\d{5}>))+")
 
 
+STOP_TIMEOUT = 60.0
+"""Seconds a closed turn waits for its generate thread to stop. It stops at the next token, so the
+wait (on Gradio's event loop, which closes the generator) is one decoding step."""
+
+
 def _stream(pipe: SeedLlama, conversation: list[dict], **kwargs: Any) -> Iterator[str | Any]:
     """`SeedLlama.chat` in a worker thread, streamed: yields the text so far (image spans shown as
-    ``[image]``) as tokens come, then the `seed.llama.Reply`. An error of the turn is raised here."""
-    from transformers import TextIteratorStreamer
+    ``[image]``) as tokens come, then the `seed.llama.Reply`. An error of the turn is raised here.
+
+    Closing this generator (the user left) stops the generation at the next token (a stopping
+    criterion) and waits for the thread, so the queue's slot frees only when the LM is free.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     import torch
 
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    pipe.model  # noqa: B018 (the LM loads here, on the first turn, not in the thread that a stop cannot interrupt)
     streamer = TextIteratorStreamer(pipe.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
     result: dict[str, Any] = {}
     threads = torch.get_num_threads()  # a new thread starts with the default: keep the caller's
 
     def work() -> None:
         try:
             torch.set_num_threads(threads)
-            result["reply"] = pipe.chat(conversation, streamer=streamer, **kwargs)
+            result["reply"] = pipe.chat(conversation, streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([Cancelled()]), **kwargs)
         except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
             result["error"] = e
             streamer.end()
 
     worker = threading.Thread(target=work, name="seed-demo-generate", daemon=True)
     worker.start()
-    text = ""
-    for chunk in streamer:
-        text += chunk
-        shown = _IMAGE_TOKENS.sub(" [image] ", text).strip()
-        if shown:
-            yield shown
-    worker.join()
+    try:
+        text = ""
+        for chunk in streamer:
+            text += chunk
+            shown = _IMAGE_TOKENS.sub(" [image] ", text).strip()
+            if shown:
+                yield shown
+    finally:  # done, or closed (GeneratorExit at the yield): stop the LM and wait for it
+        stop.set()
+        worker.join(STOP_TIMEOUT)
+        if worker.is_alive():
+            logger.warning("a cancelled chat turn's generation did not stop within %.0f s", STOP_TIMEOUT)
     if "error" in result:
         raise result["error"]
     yield result["reply"]
@@ -526,21 +564,66 @@ def _message_parts(message: dict[str, Any] | str | None) -> tuple[str, list[str]
     return (message.get("text") or "").strip(), files
 
 
-def _seed(seed: float | None) -> int:
-    if seed is None or seed < 0:
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    """A setting from the page (a client may send anything) as a float in [low, high], or an
+    `InputError` naming it: NaN, inf, None and text are refused, not converted."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise InputError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, name: str, low: int, high: int) -> int:
+    """As `_number`, for a whole number (``3.0`` is 3; ``2.5``, NaN and inf are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value != int(value) or not low <= value <= high:
+        raise InputError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return int(value)
+
+
+def _seed(seed: Any) -> int:
+    """The seed setting: None or a negative number draws one; else an integer in [0, 2**63)."""
+    if seed is None or (isinstance(seed, numbers.Real) and not isinstance(seed, bool) and -math.inf < seed < 0):
         return random.randrange(2**31)
-    if seed != int(seed) or seed >= 2**63:
-        raise InputError(f"seed must be an integer in [0, 2**63), got {seed}")
-    return int(seed)
+    try:
+        return _integer(seed, "seed", 0, 2**63 - 1)
+    except InputError as e:
+        raise InputError(f"{e} (-1 draws one)") from None
 
 
-def _decode_settings(seed: float | None, steps: float | None) -> dict[str, Any]:
+def _decode_settings(seed: Any, steps: Any) -> dict[str, Any]:
     settings: dict[str, Any] = {"seed": _seed(seed)}
     if steps is not None:
-        if steps != int(steps) or not 1 <= steps <= 1000:
-            raise InputError(f"steps must be an integer from 1 to 1000, got {steps}")
-        settings["steps"] = int(steps)
+        settings["steps"] = _integer(steps, "steps", 1, 1000)
     return settings
+
+
+def _check_pixels(path: str) -> None:
+    """Refuse an image over `MAX_PIXELS` from its header alone (nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+    except Exception:  # noqa: BLE001 (not an image, a bomb...: the library's reader says what is wrong)
+        return
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{Path(path).name}: {width}x{height} is {width * height / 1e6:.0f} megapixels; this demo "
+                         f"reads images of at most {MAX_PIXELS / 1e6:.0f} megapixels: downscale it first")
+
+
+def _read_upload(path: str) -> Image.Image:
+    """An uploaded image file -> RGB (`seed.images.open_image`), at most `MAX_PIXELS`; errors name the
+    file, not the server's folder."""
+    from .images import open_image
+
+    _check_pixels(path)
+    try:
+        return open_image(path)
+    except InputError as e:
+        raise InputError(str(e).replace(str(path), Path(path).name)) from None
 
 
 # --------------------------------------------------------------------------- command line
@@ -582,8 +665,12 @@ def demo_from_args(args: argparse.Namespace) -> Demo:
 
     llm = None if str(args.llm).lower() == "none" else args.llm
     config = args.config or ("seed2_tiny" if llm == TINY else "seed2_tokenizer")
-    image_tokenizer: Any = config
-    if args.overrides or not resolve_path(config).is_dir():
+    image_tokenizer: Any = config  # a saved folder loads on first use; a config is checked now
+    if resolve_path(config).is_dir():
+        if args.overrides:  # as seed.Tokenizer.load
+            raise InputError(f"key=value overrides apply to a config name or YAML file, not to the saved tokenizer "
+                             f"folder {config}: drop them, or pass a config with --config")
+    else:
         image_tokenizer = load_config(config, *args.overrides)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     return Demo(image_tokenizer, llm, tokenizer=args.tokenizer, template=args.template, system=args.system,
@@ -591,8 +678,13 @@ def demo_from_args(args: argparse.Namespace) -> Demo:
                 load_in_4bit=args.load_in_4bit)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # Gradio closes the server on it; then main cleans up
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: parse the flags, build the page, serve it until interrupted."""
+    """The command line: parse the flags, build the page, serve it until Ctrl-C or SIGTERM; then
+    remove the generated images and return 0."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -600,5 +692,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, CheckpointError, FileNotFoundError, ImportError, OSError) as e:
         print(f"error: {e}")
         return 2
-    demo.launch(host=args.host, port=args.port, share=args.share)
+    if threading.current_thread() is threading.main_thread():  # a stop (kill, systemd, docker) ends as Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        demo.launch(host=args.host, port=args.port, share=args.share)
+    except KeyboardInterrupt:  # before the server was up
+        pass
+    finally:
+        demo.close()
     return 0

@@ -6,8 +6,11 @@ The page itself is driven in a real browser by tests/test_app_browser.py.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from seed import InputError
 
 if importlib.util.find_spec("gradio") is None:
     pytest.skip("needs gradio: pip install -e '.[app]'", allow_module_level=True)
-from seed.app import Demo, demo_from_args, new_state, parse_args, parse_codes  # noqa: E402 (before gradio)
+from seed.app import Demo, demo_from_args, main, new_state, parse_args, parse_codes  # noqa: E402 (before gradio)
 
 import gradio as gr  # noqa: E402
 
@@ -52,8 +55,10 @@ def bad_files(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     (d / "notes.png").write_text("this is a text file, not a PNG\n")
     (d / "bomb.png").write_bytes(png_header(40000, 40000))
     (d / "empty.png").write_bytes(b"")
+    Image.new("1", (6000, 5000)).save(d / "huge.png")  # a real image (~4 KB) under Pillow's bomb limit
     return {"text": (d / "notes.png", "not an image"), "bomb": (d / "bomb.png", "decompression bomb"),
-            "empty": (d / "empty.png", "empty")}
+            "empty": (d / "empty.png", "empty"),
+            "huge": (d / "huge.png", "6000x5000 is 30 megapixels; this demo reads images of at most 25 megapixels")}
 
 
 def run_turn(demo: Demo, state: dict, text: str = "", files: tuple = (), **settings) -> list[tuple]:
@@ -81,6 +86,15 @@ def test_flags_choose_models_like_the_scripts_and_bind_locally():
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"  # set by seed.app, before gradio loads
 
 
+def test_overrides_with_a_saved_folder_say_they_apply_to_configs(demo, tmp_path, capsys):
+    folder = tmp_path / "tokenizer"
+    demo.tokenizer.save_pretrained(folder)
+    assert main(["--llm", "none", "--config", str(folder), "diffusion.steps=5"]) == 2
+    assert "overrides apply to a config name or YAML file, not to the saved tokenizer folder" in capsys.readouterr().out
+    saved = demo_from_args(parse_args(["--llm", "none", "--config", str(folder)]))
+    assert saved.tokenizer.cfg.diffusion.steps == STEPS  # the folder's own config
+
+
 def test_parse_codes_reads_every_pasted_form_and_names_bad_tokens():
     assert parse_codes("[1, 2, 3]") == parse_codes("1 2 3") == parse_codes("1,2;\n3") == [1, 2, 3]
     for text, match in (("", "paste 32 integers"), ("1 2 x3", "'x3' is not an integer"), ("1.5", "not an integer")):
@@ -101,6 +115,15 @@ def test_encode_shows_32_codes_and_decode_of_them_gives_the_same_images(demo):
     assert not np.array_equal(np.asarray(Image.open(other_seed[0][0])), np.asarray(Image.open(again[0][0])))
 
 
+def test_a_big_upload_is_encoded_whole_and_sent_back_as_a_thumbnail(demo, tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1600, 2400, 3), dtype=np.uint8)).save(big)
+    codes_text, gallery = demo.encode_image(str(big), seed=0, steps=STEPS, samples=1)
+    assert parse_codes(codes_text) == demo.tokenizer.encode([str(big)])[0].tolist()
+    width, height = Image.open(gallery[0][0]).size
+    assert width == 1024 and abs(width / height - 1.5) < 0.01
+
+
 def test_a_seed1_config_works_in_the_tokenizer_tab():
     d = Demo(str(TINY), None)
     codes_text, gallery = d.encode_image(PHOTO, seed=0, steps=1, samples=1)
@@ -113,7 +136,7 @@ def test_chat_with_a_seed1_image_tokenizer_says_it_needs_seed2():
         run_turn(d, new_state(), "What is this?", [PHOTO])
 
 
-@pytest.mark.parametrize("kind", ["text", "bomb", "empty"])
+@pytest.mark.parametrize("kind", ["text", "bomb", "empty", "huge"])
 def test_bad_uploads_are_a_message_naming_the_file(demo, bad_files, kind):
     path, match = bad_files[kind]
     with pytest.raises(gr.Error, match=match) as err:
@@ -141,6 +164,37 @@ def test_bad_settings_are_a_message(demo):
         demo.decode_codes(" ".join(["1"] * 32), seed=0, steps=1, samples=9)
     with pytest.raises(gr.Error, match="upload an image"):
         demo.encode_image(None, seed=0, steps=1, samples=1)
+
+
+@pytest.mark.parametrize("setting, value, match", [
+    ("seed", math.nan, "seed must be an integer"), ("seed", math.inf, "seed must be an integer"),
+    ("seed", -math.inf, "seed must be an integer"), ("steps", math.nan, "steps must be an integer"),
+    ("max_new_tokens", math.inf, "max new tokens must be an integer"), ("max_new_tokens", math.nan, "max new tokens"),
+    ("temperature", math.nan, "temperature must be a number"), ("top_p", math.inf, "top-p must be a number")])
+def test_settings_that_are_not_finite_numbers_are_a_message(demo, setting, value, match):
+    state = new_state()
+    with pytest.raises(gr.Error, match=match) as err:
+        run_turn(demo, state, "Hi", **{setting: value})
+    assert "went wrong" not in err.value.message and state == new_state()
+    if setting in ("seed", "steps"):
+        settings = {"seed": 0, "steps": 1, "samples": 1, setting: value}
+        with pytest.raises(gr.Error, match=match):
+            demo.decode_codes(" ".join(["1"] * 32), **settings)
+        with pytest.raises(gr.Error, match=match):
+            demo.encode_image(PHOTO, **settings)
+    with pytest.raises(gr.Error, match="samples must be an integer"):
+        demo.decode_codes(" ".join(["1"] * 32), seed=0, steps=1, samples=math.nan)
+
+
+def test_leaving_a_turn_stops_its_generation_at_once(demo):
+    run_turn(demo, new_state(), "Hi")  # the LM is loaded
+    turn = demo.chat({"text": "Tell me a long story.", "files": []}, new_state(), seed=1, max_new_tokens=2000)
+    for _ in range(3):  # the pending turn, then the reply's first words
+        next(turn)
+    start = time.monotonic()
+    turn.close()  # what Gradio does when the user leaves
+    assert time.monotonic() - start < 2  # stopped, not waited for (2000 tokens take several seconds)
+    assert not [t for t in threading.enumerate() if t.name == "seed-demo-generate"]  # the LM is free again
 
 
 def test_chat_turn_with_an_image_keeps_its_codes_in_the_history(demo):

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -50,11 +51,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The demo, started by its command line; yields its URL."""
+def app(tmp_path_factory):
+    """The demo, started by its command line: (url, proc, tmp: its TMPDIR)."""
     tmp = tmp_path_factory.mktemp("app")
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_TEMP_DIR=str(tmp / "gradio"))
+    (tmp / "tmp").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_TEMP_DIR=str(tmp / "gradio"), TMPDIR=str(tmp / "tmp"))
     log = open(tmp / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "demo_app.py", "--llm", "tiny", "--config", "configs/seed2_tiny.yaml",
                              "--port", str(port), "diffusion.steps=2"], cwd=ROOT, env=env, stdout=log,
@@ -70,7 +72,7 @@ def server(tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"the demo did not start:\n{(tmp / 'app.log').read_text()[-3000:]}")
             time.sleep(0.3)
-    yield url
+    yield SimpleNamespace(url=url, proc=proc, tmp=tmp / "tmp")
     proc.terminate()
     try:
         proc.wait(10)
@@ -79,6 +81,12 @@ def server(tmp_path_factory):
     log.close()
     out = (tmp / "app.log").read_text()
     assert "Traceback" not in out, out[-3000:]  # every failure became a message, none a crash
+
+
+@pytest.fixture(scope="module")
+def server(app) -> str:
+    """The demo's URL."""
+    return app.url
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +283,11 @@ def test_only_the_apps_own_files_are_served(server):
 
 def test_nothing_leaves_the_machine(outside):
     assert outside == []
+
+
+def test_sigterm_stops_the_app_cleanly_and_removes_its_images(app, page):  # last: it stops the app
+    (images,) = app.tmp.glob("seed-demo-*")  # the folder of generated images
+    page.goto("about:blank")  # no open page: else Gradio waits 5 s for its connections to close
+    app.proc.terminate()  # SIGTERM, as kill, systemd and docker stop send
+    assert app.proc.wait(30) == 0
+    assert not images.exists()

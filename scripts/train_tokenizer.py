@@ -39,14 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
-    import logging  # heavy imports only after parsing, so --help is fast
+    from seed.training.run import run_script, script_logger  # heavy imports only after parsing: --help is fast
 
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    log = logging.getLogger("train_tokenizer")
-
-    from seed.training.run import run_script
+    log = script_logger("train_tokenizer")
 
     def body() -> int:
         from seed.training.config import load_train_config

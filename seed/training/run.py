@@ -583,6 +583,15 @@ class Run:
             self.writer = None
 
 
+def script_logger(name: str) -> logging.Logger:
+    """Logging for a training script, one process or a torchrun job: rank 0 logs at INFO, the
+    other ranks at WARNING, every line tagged with its rank (torchrun's ``RANK``)."""
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return logging.getLogger(name)
+
+
 def run_script(body: Callable[[], int | None], log: logging.Logger) -> int:
     """Run a training script's ``body`` and map what ends it to the documented exit status:
     0 done; 2 `seed.InputError`/`seed.CheckpointError` (logged as one line); 3 `NonFiniteError`;

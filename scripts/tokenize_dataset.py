@@ -49,7 +49,8 @@ def int_at_least(low: int):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a config YAML, e.g. configs/seed_tokenizer.yaml")
+    parser.add_argument("--config", required=True, help="a config YAML (e.g. configs/seed_tokenizer.yaml) or a saved "
+                        "tokenizer folder (Tokenizer.save_pretrained, a training run's export/)")
     parser.add_argument("--input", required=True,
                         help="a folder of images, a text file listing paths, a .tar shard, or a .jsonl file of "
                              '{"image": path, ...} rows whose other fields are kept')
@@ -135,7 +136,9 @@ def run(args: argparse.Namespace, rank: int, world_size: int) -> int:
         import seed
         from seed.dataset import OutputError, Summary, check_format, discover, listing_hash, model_fingerprint, \
             prepare_output, tokenize_items
+        from seed.config import resolve_path
         from seed.device import default_dtype
+        from seed.hub import read_config
 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
@@ -152,7 +155,15 @@ def run(args: argparse.Namespace, rank: int, world_size: int) -> int:
         # lists the input itself. All of it before the model loads.
         verdict: dict = {}
         try:
-            cfg = seed.load_config(args.config, *args.overrides)
+            saved = resolve_path(args.config)  # a trained tokenizer (save_pretrained / training export/)
+            saved = saved if saved.is_dir() else None
+            if saved is not None:
+                if args.overrides:
+                    raise InputError(f"--config {args.config} is a saved tokenizer folder: key=value overrides "
+                                     "apply to a config YAML only")
+                cfg = read_config(saved)
+            else:
+                cfg = seed.load_config(args.config, *args.overrides)
             check_format(cfg.model, args.format)
             items = discover(args.input)
             if not items:
@@ -160,7 +171,7 @@ def run(args: argparse.Namespace, rank: int, world_size: int) -> int:
             if rank == 0:
                 if lock is None:
                     lock = take_lock(args.output)
-                fingerprint = model_fingerprint(cfg, str(default_dtype(device)).replace("torch.", ""))
+                fingerprint = model_fingerprint(cfg, str(default_dtype(device)).replace("torch.", ""), saved)
                 verdict["record"] = prepare_output(args.output, items, fingerprint, args.format, args.chunk_size,
                                                    world_size, args.force_mismatch,
                                                    input_name=os.path.abspath(args.input))
@@ -184,7 +195,8 @@ def run(args: argparse.Namespace, rank: int, world_size: int) -> int:
             log.info("%d images in %s, %d process(es), %d chunk(s) of %d", len(items), args.input, world_size,
                      record["chunks"], record["chunk_size"])
 
-        tok = seed.Tokenizer.from_config(cfg, device=device)
+        tok = (seed.Tokenizer.from_pretrained(saved, device=device) if saved is not None
+               else seed.Tokenizer.from_config(cfg, device=device))
         s = tokenize_items(tok, items, args.output, record["chunk_size"], rank=rank, world_size=world_size,
                            batch_size=args.batch_size, num_workers=args.num_workers, fmt=args.format,
                            progress=rank == 0)

@@ -28,6 +28,20 @@ import os
 import sys
 
 
+def default_export_folder(checkpoint: str) -> str:
+    """``--export-from RUN/checkpoints/step_N`` without ``--export-to``: ``RUN/export_step_N`` (beside
+    the run's own ``export/``, which it never overwrites). Raises `seed.InputError` for a checkpoint
+    outside a run's ``checkpoints/`` folder (say where with ``--export-to``)."""
+    from seed.errors import InputError
+
+    ckpt = os.path.abspath(checkpoint)
+    parent = os.path.dirname(ckpt)
+    if os.path.basename(parent) != "checkpoints":
+        raise InputError(f"--export-from {checkpoint} is not in a run's checkpoints/ folder: "
+                         "say where to write the tokenizer with --export-to DIR")
+    return os.path.join(os.path.dirname(parent), f"export_{os.path.basename(ckpt)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a training config, e.g. configs/train/seed1_stage2.yaml")
@@ -35,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-from", metavar="CHECKPOINT", default=None,
                         help="stage 2: export this checkpoint folder to --export-to (no training)")
     parser.add_argument("--export-to", metavar="DIR", default=None,
-                        help="with --export-from: the tokenizer folder to write (default OUTPUT/export)")
+                        help="with --export-from: the tokenizer folder to write (default: RUN/export_step_N beside the "
+                             "checkpoint's run folder)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
@@ -50,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.export_from:
             from seed.training.loop import export_checkpoint
 
-            out = args.export_to or os.path.join(cfg.train.output_dir, "export")
+            out = args.export_to or default_export_folder(args.export_from)
             log.info("exported %s", export_checkpoint(cfg, args.export_from, out, overrides=args.overrides))
             return 0
         from seed.training.loop import train

@@ -145,11 +145,13 @@ def _walk(root: str) -> Iterator[tuple[str, str]]:
 
 
 def _jsonl_items(src: str) -> list[Item]:
-    """The rows of a JSONL input: ``{"image": path, any other fields}`` per line (see `discover`)."""
+    """The rows of a JSONL input: ``{"image": path, any other fields}`` per line (see `discover`).
+
+    An image on several rows gets the ids ``path``, ``path#2``, ... (skipping any ``path#n`` that
+    another row names as its own image, so every row keeps its own id)."""
     base, name = os.path.dirname(src), os.path.basename(src)
-    items: list[Item] = []
-    times: dict[str, int] = {}
-    with open(src, encoding="utf-8") as f:
+    rows: list[tuple[int, str, Any, str | None]] = []
+    with open(src, encoding="utf-8-sig") as f:  # -sig: a BOM from a Windows tool is not part of row 1
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -160,13 +162,26 @@ def _jsonl_items(src: str) -> list[Item]:
             else:
                 why = None if isinstance(row, dict) and isinstance(row.get("image"), str) and row["image"] else \
                     'not a JSON object with an "image" path'
-            if why is not None:
-                items.append(Item(f"{name}:{n}", src, error=f"{src}, line {n}: {why}: {line.strip()[:80]!r}"))
-                continue
-            path = row.pop("image")
-            k = times[path] = times.get(path, 0) + 1
-            items.append(Item(path if k == 1 else f"{path}#{k}", base, fields=row or None,
-                              file=None if k == 1 else path))
+            if why is None:
+                try:
+                    row["image"].encode("utf-8")
+                except UnicodeEncodeError:
+                    why = 'its "image" path is not valid Unicode (a lone surrogate)'
+            rows.append((n, line, row, why))
+    literal = {row["image"] for _, _, row, why in rows if why is None}
+    items: list[Item] = []
+    times: dict[str, int] = {}
+    for n, line, row, why in rows:
+        if why is not None:
+            items.append(Item(f"{name}:{n}", src, error=f"{src}, line {n}: {why}: {line.strip()[:80]!r}"))
+            continue
+        path = row.pop("image")
+        k = times.get(path, 0) + 1
+        while k > 1 and f"{path}#{k}" in literal:
+            k += 1
+        times[path] = k
+        items.append(Item(path if k == 1 else f"{path}#{k}", base, fields=row or None,
+                          file=None if k == 1 else path))
     return items
 
 
@@ -205,7 +220,7 @@ def discover(src: str | os.PathLike) -> list[Item]:
     elif os.path.isfile(src):
         base = os.path.dirname(src)
         try:
-            with open(src, encoding="utf-8") as f:
+            with open(src, encoding="utf-8-sig") as f:
                 for line in f:
                     line = line.strip()
                     if line and line[0] != "#":
@@ -460,9 +475,11 @@ def file_identity(path: str | os.PathLike) -> dict:
     return {"size": os.path.getsize(path), "sha256": digest}
 
 
-def model_fingerprint(cfg: Any, vision_dtype: str) -> dict:
+def model_fingerprint(cfg: Any, vision_dtype: str, saved_folder: str | os.PathLike | None = None) -> dict:
     """What decides the codes: the config's ``model`` section, each weight file's size + sha256
     (``null`` for random weights, which come from a fixed seed) and the vision tower's dtype.
+    ``saved_folder``: a `seed.Tokenizer.save_pretrained` folder, whose ``model.safetensors`` holds
+    every weight (``cfg`` is then its ``config.yaml``).
 
     Paths, decode settings and batch sizes are left out: they do not change the codes.
     """
@@ -470,6 +487,12 @@ def model_fingerprint(cfg: Any, vision_dtype: str) -> dict:
 
     from .config import resolve_path
 
+    if saved_folder is not None:
+        from .hub import WEIGHTS_NAME
+
+        return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+                "weights": {WEIGHTS_NAME: file_identity(Path(saved_folder) / WEIGHTS_NAME)},
+                "vision_dtype": vision_dtype}
     weights = {}
     for name, path in OmegaConf.to_container(cfg.checkpoints, resolve=True).items():
         if path is None:
@@ -556,7 +579,7 @@ def prepare_output(out_dir: str | os.PathLike, items: Sequence[Item], fingerprin
                 problems.append(f"its rows are --format {record.get('format')}, this run asks for --format {fmt}")
             if {k: record.get(k) for k in listing} != listing:
                 problems.append(f"the input changed: {record.get('images')} images then, {len(items)} now"
-                                f"{' (same count, other ids)' if record.get('images') == len(items) else ''}; "
+                                f"{' (same count, other ids or row fields)' if record.get('images') == len(items) else ''}; "
                                 f"tokenize new images into another --output")
             if problems:
                 raise OutputError(f"{out} cannot be resumed by this run: " + "; ".join(problems))

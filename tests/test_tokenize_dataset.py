@@ -620,3 +620,42 @@ def test_benchmark_resume_runs(tmp_path):
     assert out["images_skipped"] == 1900 and out["images_to_do"] == 100
     for key in ("listing_s", "resume_plan_s", "peak_rss_gb", "old_resume_s"):
         assert out[key] > 0, key
+
+
+def test_a_saved_tokenizer_folder_is_a_config(parity_tok, tmp_path):
+    """A trained tokenizer (save_pretrained, a training run's export/) tokenizes a dataset with its own
+    weights; overrides with a folder are refused; another folder's weights are another model."""
+    saved = parity_tok.save_pretrained(tmp_path / "saved")
+    want = {p.name: parity_tok.encode([p])[0].tolist() for p in PHOTOS}
+    rc, _, err = run(PHOTOS[0].parent, tmp_path / "out", config=saved, overrides=[])
+    assert rc == 0, err
+    assert {r["image"]: r["codes"] for r in rows(tmp_path / "out", "codes")} == want
+    rc, _, err = run(PHOTOS[0].parent, tmp_path / "out2", config=saved, overrides=["model.image_size=28"])
+    assert rc == 2 and "saved tokenizer folder" in err, err
+    # the folder's weights are in run.json: the same folder with other weights is refused
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(saved / "model.safetensors")
+    k = next(iter(w))
+    w[k] = w[k] + 1
+    save_file(w, saved / "model.safetensors", metadata={"format": "pt"})
+    rc, _, err = run(PHOTOS[0].parent, tmp_path / "out", config=saved, overrides=[])
+    assert rc == 2 and "model.safetensors" in err, err
+
+
+def test_jsonl_ids_stay_unique_and_odd_rows_are_error_rows(tmp_path):
+    """A BOM is not part of row 1; a literal ``a.png#2`` row keeps its own id beside a repeated
+    ``a.png``; an image path that is not valid Unicode is an error row, not a crash."""
+    src = tmp_path / "rows.jsonl"
+    rows = [{"image": "a.png", "caption": "first"}, {"image": "a.png", "caption": "second"},
+            {"image": "a.png#2", "caption": "a file whose name ends in #2"}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"image": "\\ud800.png", "caption": "x"}\n'
+    src.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    items = discover(str(src))
+    by_id = {it.id: it for it in items}
+    assert by_id["a.png"].fields == {"caption": "first"}
+    assert by_id["a.png#2"].fields == {"caption": "a file whose name ends in #2"}
+    assert by_id["a.png#3"].fields == {"caption": "second"} and by_id["a.png#3"].file == "a.png"
+    assert by_id["rows.jsonl:4"].error and "surrogate" in by_id["rows.jsonl:4"].error
+    assert len(items) == 4
+    seed.dataset.listing_hash(items)  # hashes without a crash

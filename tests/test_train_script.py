@@ -289,6 +289,19 @@ def without_speed(rows):
     return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
 
 
+def test_export_from_without_export_to_writes_beside_the_checkpoints_run(qformer_run, tmp_path):
+    """No --export-to: RUN/export_step_N, never the config file's output folder nor the run's export/."""
+    ckpt = qformer_run / "checkpoints" / "step_00000003"
+    final = (qformer_run / "export" / "model.safetensors").read_bytes()
+    assert script("--config", STAGE2, "--export-from", ckpt) == 0
+    assert same_weights(qformer_run / "export" / "model.safetensors",
+                        qformer_run / "export_step_00000003" / "model.safetensors")
+    assert (qformer_run / "export" / "model.safetensors").read_bytes() == final
+    loose = tmp_path / "step_00000003"
+    shutil.copytree(ckpt, loose)
+    assert script("--config", STAGE2, "--export-from", loose) == 2  # not in a run: say --export-to
+
+
 def test_export_from_builds_the_frozen_parts_from_the_checkpoints_config(qformer_run, tmp_path, caplog):
     """--export-from with the plain config (no init.qformer): the same tokenizer as the run's own
     export; with another init.qformer on the command line: refused, naming the key, nothing written."""

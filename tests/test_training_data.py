@@ -235,3 +235,18 @@ def test_config_errors_name_the_key():
         load_train_config("configs/train/seed1_stage2_tiny.yaml", "train.max_steps=many")
     with pytest.raises(seed.InputError, match="train.precision"):
         load_train_config("configs/train/seed1_stage2_tiny.yaml", "train.precision=fp8")
+
+
+def test_jsonl_captions_may_hold_any_unicode_and_the_file_a_bom(tmp_path):
+    """Rows are split at newlines only (U+2028, U+0085 in a caption are text, as json.dumps writes them
+    with ensure_ascii=False), and a UTF-8 BOM is not part of the first row."""
+    from seed.training.data import read_pairs
+
+    rows = [{"image": str(PHOTOS[0]), "caption": "a man\u2028with a camera"},
+            {"image": str(PHOTOS[1]), "caption": "a cat\x85 sitting"},
+            {"image": str(PHOTOS[2]), "caption": "coffee\u2029cup"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    pairs = read_pairs(path)
+    assert len(pairs) == 3
+    assert [p.captions for p in pairs] == [(r["caption"],) for r in rows]

@@ -94,6 +94,12 @@ def _captions(row: dict) -> tuple[str, ...] | None:
     return None
 
 
+def _split_lines(text: str) -> list[str]:
+    """Lines at ``\\n`` (and ``\\r\\n``) only: ``str.splitlines`` would also cut at U+2028, U+0085 ...,
+    which a caption may hold."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -114,7 +120,7 @@ def load_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = N
     else:
         rows = []
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = _split_lines(path.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"{path}: cannot read it: {e}") from None
         for n, line in enumerate(lines, 1):
@@ -286,7 +292,7 @@ def load_captions(src: str | os.PathLike, image_root: str | os.PathLike | None =
 
 def _lines(p: Path) -> list[str]:
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = _split_lines(p.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: cannot read it: {e}") from None
     return lines

@@ -102,7 +102,7 @@ def _captions(value, where: str) -> tuple[str, ...]:
 def _read_json_pairs(path: Path) -> tuple[list[Pair], int]:
     """Pairs of a JSONL (or JSON list) file; malformed rows are logged and counted, not fatal."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the data file: {e}") from None
     if path.suffix.lower() == ".json":
@@ -112,7 +112,7 @@ def _read_json_pairs(path: Path) -> tuple[list[Pair], int]:
             raise InputError(f"{path}: not a JSON list of {{'image', 'caption'}} objects: {e}") from None
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 etc. may sit in a caption
             if line.strip():
                 try:
                     rows.append((n, json.loads(line)))

@@ -210,9 +210,47 @@ def load_inception(args):
     return inception_modules(path)
 
 
-def load_llama(args):
-    """SeedLlama and its fingerprint: each file of the LM and image tokenizer folders (size, mtime,
-    safetensors header hash: hashing 16 GB is too slow); for a Hub id, its cached snapshot's."""
+def image_tokenizer_spec(args) -> str:
+    """The image tokenizer the pipeline will use: --image-tokenizer, else SeedLlama's default."""
+    return args.image_tokenizer or ("seed2_tiny" if args.llm == "tiny" else "seed2_tokenizer")
+
+
+def image_tokenizer_fingerprint(spec: str, decode: bool = False) -> dict:
+    """What identifies the image tokenizer ``spec`` names, as `Tokenizer.load` reads it: a config
+    (name / YAML) or a save_pretrained folder by `seed.dataset.model_fingerprint` (its ``model``
+    section, each weight file's size and sha256, the vision dtype), as tokenize_dataset.py does;
+    ``decode`` (t2i): also the config's ``diffusion`` section (what draws the images); a Hub id by
+    its cached snapshot's files. A config whose weight file is missing is an `InputError` here,
+    before anything loads."""
+    from omegaconf import OmegaConf
+
+    import seed
+    from seed.config import resolve_path
+    from seed.dataset import model_fingerprint
+    from seed.device import default_device, default_dtype
+    from seed.evaluation.runner import files_fingerprint
+
+    dtype = str(default_dtype(default_device())).replace("torch.", "")
+    path = resolve_path(spec)
+    if not path.is_dir() and (path.suffix in (".yaml", ".yml") or "/" not in spec):
+        cfg = seed.load_config(spec)
+        fp = {"config": spec, **model_fingerprint(cfg, dtype)}
+    elif path.is_dir():
+        from seed.hub import read_config
+
+        cfg = read_config(path)
+        fp = {"folder": str(path), **model_fingerprint(cfg, dtype, saved_folder=path)}
+    else:
+        return {"hub": spec, "files": files_fingerprint(_local(spec))}
+    if decode and "diffusion" in cfg:
+        fp["diffusion"] = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    return fp
+
+
+def load_llama(args, image_tokenizer_fp: dict | None = None):
+    """SeedLlama and its fingerprint: each file of the LM folder (size, mtime, safetensors header
+    hash: hashing 16 GB is too slow; for a Hub id, its cached snapshot's) and the image tokenizer's
+    (`image_tokenizer_fingerprint`, computed before the LM loads)."""
     import torch
 
     from seed.evaluation.runner import files_fingerprint
@@ -224,8 +262,8 @@ def load_llama(args):
                                      **({"template": args.template} if args.template else {}))
     return pipe, {"llm": str(args.llm), "llm_files": files_fingerprint(_local(args.llm)), "tokenizer": args.tokenizer,
                   "dtype": args.dtype, "load_in_8bit": args.load_in_8bit, "vocab": len(pipe.tokenizer),
-                  "image_tokenizer": str(args.image_tokenizer),
-                  "image_tokenizer_files": files_fingerprint(_local(args.image_tokenizer or "seed2_tokenizer"))}
+                  "image_tokenizer": image_tokenizer_fp if image_tokenizer_fp is not None else
+                  image_tokenizer_fingerprint(image_tokenizer_spec(args))}
 
 
 def _local(spec: str) -> Path:
@@ -252,9 +290,10 @@ def run(args) -> dict | None:
     out = args.out
     if args.task == "reconstruction":
         dataset = D.load_examples(args.images, args.image_root)
+        fid, is_ = load_inception(args)  # metric networks first: a missing one stops before the tokenizer loads
+        clip = load_clip(args, device)
         tok, fp = load_tokenizer(args.config, args.overrides, device)
-        fid, is_ = load_inception(args)
-        return tasks.reconstruction(tok, dataset, out, clip=load_clip(args, device), fid_features=fid, is_logits=is_,
+        return tasks.reconstruction(tok, dataset, out, clip=clip, fid_features=fid, is_logits=is_,
                                     batch_size=args.batch_size or 4, grid_rows=args.grid_rows, fingerprint=fp,
                                     progress=progress)
     if args.task == "codebook":
@@ -296,11 +335,12 @@ def run(args) -> dict | None:
     prompt = {"prompt": args.prompt} if getattr(args, "prompt", None) else {}
     template = args.template
     if args.task == "t2i":
-        decode = _kv(args.decode, "--decode")
+        decode = tasks.decode_settings(tasks.T2I_DECODE, _kv(args.decode, "--decode"))
         dataset = D.load_captions(args.captions, args.image_root, args.split)
         fid, is_ = load_inception(args)
         clip = load_clip(args, device)
-        pipe, fp = load_llama(args)
+        itok = image_tokenizer_fingerprint(image_tokenizer_spec(args), decode=True)
+        pipe, fp = load_llama(args, itok)
         return tasks.text_to_image(pipe, dataset, out, clip=clip, fid_features=fid, is_logits=is_,
                                    batch_size=args.batch_size or 8, template=template, generation=generation,
                                    decode=decode, negative=not args.no_negative, fingerprint=fp, progress=progress,
@@ -308,11 +348,11 @@ def run(args) -> dict | None:
     if args.task == "vqa":
         tasks.check_vqa_prompt(args.prompt or tasks.VQA_PROMPT)
         dataset = D.load_vqa(args.questions, args.annotations, args.image_root, args.image_pattern)
-        pipe, fp = load_llama(args)
+        pipe, fp = load_llama(args, image_tokenizer_fingerprint(image_tokenizer_spec(args)))
         return tasks.vqa(pipe, dataset, out, batch_size=args.batch_size or 8, template=template,
                          generation=generation, fingerprint=fp, progress=progress, **prompt, **seed_kw)
     dataset = D.load_examples(args.data, args.image_root, args.split, need_captions=True)
-    pipe, fp = load_llama(args)
+    pipe, fp = load_llama(args, image_tokenizer_fingerprint(image_tokenizer_spec(args)))
     return tasks.caption(pipe, dataset, out, batch_size=args.batch_size or 8, template=template, generation=generation,
                          fingerprint=fp, progress=progress, **prompt, **seed_kw)
 

@@ -250,6 +250,15 @@ def main(argv: list[str] | None = None) -> int:
 
     loading: dict[str, Any] = {"template": args.template} if args.template else {}
     try:
+        for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+            if text is not None:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:  # an undecodable byte of the command line
+                    c = ord(text[e.start])
+                    what = f"the byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"a lone surrogate U+{c:04X}"
+                    raise InputError(f"{flag}: not valid UTF-8 text ({what} at character {e.start}); "
+                                     "pass the text in UTF-8") from None
         if args.image_tokenizer is not None:
             loading["image_tokenizer"] = image_tokenizer_source(args.image_tokenizer, args.overrides)
         elif args.overrides:

@@ -219,10 +219,21 @@ def _is_codes(x: Any) -> bool:
             and x.numel() == NUM_IMAGE_TOKENS)
 
 
+def _text(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode; a lone surrogate (``"\\ud83d"``, or an undecodable byte
+    of a command line) is an `InputError`, not the tokenizer's RuntimeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: the text is not valid Unicode ({e.reason} at position {e.start}: "
+                         f"{text[e.start]!r}); pass UTF-8 text") from None
+    return text
+
+
 def _part(p: Any, where: str) -> str | _Image:
     """One content part -> text (str) or `_Image`."""
     if isinstance(p, str):
-        return p
+        return _text(p, where)
     if _is_codes(p):
         return _Image(codes=llm._check_codes(p.flatten())[0])
     if isinstance(p, (os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor)) \
@@ -231,7 +242,7 @@ def _part(p: Any, where: str) -> str | _Image:
     if isinstance(p, Mapping):
         kind = p.get("type") or next((k for k in ("text", "image", "codes") if k in p), None)
         if kind == "text" and isinstance(p.get("text"), str):
-            return p["text"]
+            return _text(p["text"], where)
         if kind in ("image", "codes") and p.get("codes") is not None:
             try:
                 return _Image(codes=llm._check_codes(p["codes"])[0])

@@ -12,9 +12,11 @@ Layouts (`load_examples` picks by what it finds):
   optional annotations JSON (``{"annotations": [{"question_id", "answers": [{"answer"}]}]}``) and
   an image folder with COCO names (``COCO_val2014_000000000042.jpg``, ``image_pattern``).
 
-A row that is malformed (no image, no caption, an answer list that is not strings) is logged,
-counted in ``bad`` and skipped: it never stops the run. Ids are unique; a repeated id is
-suffixed ``#2``, ``#3``.
+A row that is malformed (no image, no caption, an answer list that is not strings, text that is
+not valid Unicode such as a lone surrogate ``"\\ud83d"``) is logged, counted in ``bad`` and
+skipped: it never stops the run. In a JSONL/JSON list, rows naming the same image are one item
+with all their captions (one row per pair and one row per image give the same items). Ids are
+unique; a repeated id is suffixed ``#2``, ``#3``.
 """
 
 from __future__ import annotations
@@ -85,13 +87,45 @@ def _unique(examples: list[Example]) -> list[Example]:
     return out
 
 
+def is_text(value: Any) -> bool:
+    """A str that is valid Unicode (encodes as UTF-8): not a lone surrogate such as ``"\\ud83d"``
+    (a JSON escape of half an emoji, common in scraped captions), which no tokenizer can read."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _captions(row: dict) -> tuple[str, ...] | None:
     value = row.get("captions", row.get("caption"))
     if isinstance(value, str):
         value = [value]
-    if isinstance(value, list) and value and all(isinstance(c, str) and c.strip() for c in value):
+    if isinstance(value, list) and value and all(is_text(c) and c.strip() for c in value):
         return tuple(value)
     return None
+
+
+def _group(examples: list[Example], where: Path) -> list[Example]:
+    """Rows naming the same image (resolved path) as one example with all their captions, in
+    first-appearance order, under the first row's id: one ``{"image", "caption"}`` row per pair is
+    the same data as one row per image with ``"captions"``."""
+    out: list[Example] = []
+    at: dict[str, int] = {}
+    for ex in examples:
+        n = at.get(ex.image) if isinstance(ex.image, str) else None
+        if n is None:
+            if isinstance(ex.image, str):
+                at[ex.image] = len(out)
+            out.append(ex)
+        else:
+            out[n] = replace(out[n], captions=out[n].captions + ex.captions)
+    if len(out) < len(examples):
+        logger.info("%s: %d rows name %d images: each image is one item with all its rows' captions",
+                    where, len(examples), len(out))
+    return out
 
 
 def _split_lines(text: str) -> list[str]:
@@ -134,13 +168,14 @@ def load_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = N
         caps = _captions(row) if isinstance(row, dict) else None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str) or (need_captions and caps is None):
             reason = f"not JSON ({row})" if isinstance(row, Exception) else (
-                "expected an object with 'image' (a path) and 'caption' or 'captions' (text)")
+                "expected an object with 'image' (a path) and 'caption' or 'captions' (non-blank, valid Unicode "
+                "text)")
             logger.warning("%s, %s: %s; skipped", path, where, reason)
             bad += 1
             continue
         image = _resolve(row["image"], path.parent, image_root)
         examples.append(Example(str(row.get("id", row["image"])), image, caps or ()))
-    return Dataset(str(path), "jsonl", _unique(examples), bad)
+    return Dataset(str(path), "jsonl", _unique(_group(examples, path)), bad)
 
 
 def load_karpathy(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
@@ -156,10 +191,11 @@ def load_karpathy(path: str | os.PathLike, image_root: str | os.PathLike | None 
         try:
             name = os.path.join(img.get("filepath", ""), img["filename"])
             caps = tuple(s["raw"] for s in img["sentences"])
-            if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            if not caps or not all(is_text(c) and c.strip() for c in caps):
                 raise ValueError
         except (KeyError, TypeError, ValueError, AttributeError):
-            logger.warning("%s, image %d: expected 'filename' and 'sentences' [{'raw': text}] (not blank); skipped",
+            logger.warning("%s, image %d: expected 'filename' and 'sentences' [{'raw': text}] (not blank, valid "
+                           "Unicode); skipped",
                            path, n)
             bad += 1
             continue
@@ -193,7 +229,7 @@ def load_vqa(questions: str | os.PathLike, annotations: str | os.PathLike | None
         for a in ann:
             try:
                 ans = tuple(x["answer"] for x in a["answers"])
-                if ans and all(isinstance(x, str) for x in ans):
+                if ans and all(is_text(x) for x in ans):
                     answers[a["question_id"]] = ans
             except (KeyError, TypeError):
                 pass
@@ -202,16 +238,17 @@ def load_vqa(questions: str | os.PathLike, annotations: str | os.PathLike | None
         try:
             qid, text = q["question_id"], q["question"]
             image = q["image"] if "image" in q else image_pattern.format(image_id=q["image_id"])
-            if not isinstance(text, str) or not text.strip() or not isinstance(image, str) or not image:
+            if not is_text(text) or not text.strip() or not isinstance(image, str) or not image:
                 raise ValueError
             hash(qid)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):
-            logger.warning("%s, question %d: expected 'question_id', 'question' (text) and 'image_id' (or 'image', "
-                           "a path); skipped", qpath, n)
+            logger.warning("%s, question %d: expected 'question_id', 'question' (valid Unicode text) and 'image_id' "
+                           "(or 'image', a path); skipped", qpath, n)
             bad += 1
             continue
         if annotations is not None and qid not in answers:
-            logger.warning("%s, question %d: no annotation with answers for question_id %r; skipped", qpath, n, qid)
+            logger.warning("%s, question %d: no annotation with answers (valid Unicode text) for question_id %r; "
+                           "skipped", qpath, n, qid)
             bad += 1
             continue
         examples.append(Example(str(qid), _resolve(image, qpath.parent, image_root), (), text,
@@ -279,7 +316,8 @@ def load_captions(src: str | os.PathLike, image_root: str | os.PathLike | None =
         for n, row in rows:
             caps = _captions(row) if isinstance(row, dict) else None
             if caps is None:
-                logger.warning("%s, row %d: expected a JSON object with 'caption' or 'captions' (text); skipped", p, n)
+                logger.warning("%s, row %d: expected a JSON object with 'caption' or 'captions' (non-blank, valid "
+                               "Unicode text); skipped", p, n)
                 bad += 1
                 continue
             image = row.get("image")

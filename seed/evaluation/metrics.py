@@ -3,14 +3,16 @@
 - Retrieval recall R@K both ways (`recall_at_k`) from an image x text similarity matrix (the
   BLIP / LAVIS definition: an image counts as found when any of its captions is in its top K;
   ties count against the item).
-- VQA accuracy (`vqa_accuracy`) with the official answer normalization (`normalize_answer`), a
-  port of the VQA challenge's ``vqaEval.py`` (GT-Vision-Lab/VQA); no maintained package holds it.
+- VQA accuracy (`vqa_accuracy`) with the official answer normalization (`normalize_answer`), the
+  semantics of the VQA challenge's pre-2021 ``vqaEval.py`` (GT-Vision-Lab/VQA, before the commit
+  "Fixed processing answers bug"; the version LAVIS and the SEED code use); no maintained package holds it.
 - CIDEr-D and BLEU-4 (`caption_scores`) through pycocoevalcap, the COCO caption reference code,
   with its Stanford PTB tokenizer (Java).
 - CLIP-I / CLIP-T (`Clip`) with transformers' ``CLIPModel``: cosine similarities of projected
   CLIP embeddings (the papers print 100 x these).
 - FID and Inception Score (`image_set_scores`) with torchmetrics, on torch-fidelity's
   InceptionV3 (the TF-ported weights every FID paper uses) or any feature module.
+- PSNR and SSIM (`pixel_scores`) with torchmetrics: pixel metrics that need no downloaded weights.
 - Codebook usage (`codebook_stats`): share of codes used, perplexity, entropy per position.
 
 Heavy libraries are imported inside the functions.
@@ -147,28 +149,38 @@ def normalize_answer(answer: str) -> str:
 
 
 def vqa_accuracy(answer: str, human_answers: Sequence[str]) -> float:
-    """The VQA accuracy of one answer against the (10) human answers, as ``vqaEval.py`` computes it.
+    """The VQA accuracy of one answer against the (10) human answers, as the pre-2021 ``vqaEval.py``
+    of GT-Vision-Lab/VQA computes it (the version LAVIS and the original SEED code copy).
 
-    The answer is normalized (`normalize_answer`); the human answers only have their punctuation
-    processed, and only when they are not all equal (the official code's rule). The score is
-    ``min(1, #matching humans / 3)`` averaged over the 10 leave-one-annotator-out subsets: with 10
-    answers, 1 match gives 0.3, 2 give 0.6, 3 give 0.9, 4 or more 1.0.
+    The answer is cleaned (line breaks and tabs -> spaces, stripped) and normalized
+    (`normalize_answer`). The human answers are taken as given: not stripped, not lower-cased,
+    no digits or articles; only when they are not all equal is their punctuation processed (so
+    ``" red"`` never matches ``"red"``, and ten ``"two"`` never match ``"Two"`` -> ``"2"``). Each
+    human answer is one annotation (the official ones carry distinct ``answer_id``): the score is
+    ``min(1, #matching other humans / 3)`` averaged over the leave-one-annotator-out subsets: with
+    10 answers, 1 match gives 0.3, 2 give 0.6, 3 give 0.9, 4 or more 1.0. Not rounded (the
+    official code rounds only what it prints: see `vqa_overall`).
     """
     if not human_answers:
         raise InputError("vqa_accuracy needs at least one human answer")
     res = normalize_answer(answer)
-    gts = [_clean(a) for a in human_answers]
+    gts = list(human_answers)
     if len(set(gts)) > 1:
         gts = [_punctuation(a) for a in gts]
-    accs = [min(1.0, sum(g == res for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
+    matches = [g == res for g in gts]
+    accs = [min(1.0, (sum(matches) - m) / 3) for m in matches]
     return sum(accs) / len(accs)
 
 
+def vqa_overall(accuracies: Sequence[float]) -> float:
+    """The official overall figure: ``round(100 * mean, 2)`` of the per-question accuracies
+    (`vqa_accuracy`, unrounded), as ``vqaEval.setAccuracy`` reports it."""
+    if not accuracies:
+        raise InputError("vqa_overall needs at least one accuracy")
+    return round(100 * float(sum(accuracies)) / len(accuracies), 2)
+
+
 # --- captions -------------------------------------------------------------------------------------
-
-EMPTY = "zzemptycaptionzz"
-"""What an empty caption is scored as (no reference contains it)."""
-
 
 def java_available() -> bool:
     return shutil.which("java") is not None
@@ -181,7 +193,8 @@ def caption_scores(candidates: Mapping[str, str], references: Mapping[str, Seque
     ids). Both are tokenized by pycocoevalcap's Stanford PTB tokenizer (lower case, punctuation
     removed), which runs in Java: without ``java`` on the PATH this is an `InputError` saying so.
     CIDEr's document frequencies come from the references given, so scores depend on the whole
-    set (as in the official evaluation). Returns ``{"CIDEr", "BLEU-1".."BLEU-4"}`` (corpus values;
+    set (as in the official evaluation). An empty (or blank) candidate is scored as the official
+    pipeline scores it: a hypothesis of no words (no placeholder word). Returns ``{"CIDEr", "BLEU-1".."BLEU-4"}`` (corpus values;
     the papers print 100 x CIDEr and BLEU) and ``"per_item": {id: {"CIDEr": ...}}``.
     """
     if set(candidates) != set(references):
@@ -199,7 +212,7 @@ def caption_scores(candidates: Mapping[str, str], references: Mapping[str, Seque
     ids = sorted(candidates)
 
     def one_line(caption: str) -> str:  # the tokenizer reads one caption a line: \r, \n... would shift them
-        return " ".join(caption.split()) or EMPTY
+        return " ".join(caption.split())
 
     # the PTB tokenizer writes a temporary file next to its .jar: it must be writable
     jar_dir = Path(ptbtokenizer.__file__).parent
@@ -207,8 +220,9 @@ def caption_scores(candidates: Mapping[str, str], references: Mapping[str, Seque
         raise InputError(f"pycocoevalcap's tokenizer folder {jar_dir} is not writable (its PTB tokenizer "
                          "writes a temporary file there); install seed in a writable environment")
     tok = ptbtokenizer.PTBTokenizer()
-    # the tokenizer reads one caption per line and strips the input's end: whitespace (line breaks
-    # included) becomes one space, and an empty caption a word no reference has (it scores 0)
+    # the tokenizer reads one caption per line: whitespace (line breaks included) becomes one space.
+    # An empty caption stays an empty line, as in the official pipeline: it tokenizes to "", a
+    # hypothesis of 0 words (BLEU: no matches and length 0 in the corpus counts; CIDEr 0)
     gts = tok.tokenize({i: [{"caption": one_line(c)} for c in references[i]] for i in ids})
     res = tok.tokenize({i: [{"caption": one_line(candidates[i])}] for i in ids})
     bleu, bleu_items = Bleu(4).compute_score(gts, res, verbose=0)
@@ -234,7 +248,10 @@ class Clip:
         name = str(name)
         self.name = name
         try:
-            self.model = CLIPModel.from_pretrained(name, local_files_only=not allow_download).to(device).eval()
+            model = CLIPModel.from_pretrained(name, local_files_only=not allow_download)
+            self.weights_sha256 = weights_sha256(model)
+            """sha256 of the weights (`weights_sha256`): which CLIP made the scores, whatever its name."""
+            self.model = model.to(device).eval()
             try:
                 self.processor = AutoProcessor.from_pretrained(name, local_files_only=not allow_download)
                 self.image_processor = self.processor.image_processor
@@ -280,15 +297,72 @@ class Clip:
             return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
 
 
+# --- pixels ---------------------------------------------------------------------------------------
+
+def pixel_scores(reference: Image.Image, images: Sequence[Image.Image], size: int = 256) -> tuple[list[float], list[float]]:
+    """PSNR (dB) and SSIM of each of ``images`` against ``reference`` (torchmetrics; no weights).
+
+    All are converted to RGB and resized to ``size`` x ``size`` (bicubic, aspect ratio not kept,
+    as the tokenizer resizes its input), as float [0, 1] (data range 1). PSNR is per image (MSE
+    over its pixels and channels); SSIM with torchmetrics' default Gaussian window (11, sigma 1.5),
+    averaged over the image. Returns (PSNR list, SSIM list), one value per image.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image as PILImage
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    def tensor(im: Image.Image) -> torch.Tensor:
+        a = np.asarray(im.convert("RGB").resize((size, size), PILImage.BICUBIC), dtype=np.float64) / 255.0
+        return torch.from_numpy(a).permute(2, 0, 1)
+
+    if not images:
+        return [], []
+    fake = torch.stack([tensor(im) for im in images])                   # float64 [N,3,size,size]
+    real = tensor(reference)[None].expand_as(fake)
+    psnr = peak_signal_noise_ratio(fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(fake, real, data_range=1.0, reduction="none")
+    return [float(v) for v in psnr.reshape(-1)], [float(v) for v in ssim.reshape(-1)]
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """A content hash of a network's weights: sha256 over its state dict (each tensor's name, dtype,
+    shape and bytes, in name order). The same weights give the same hash wherever they are read
+    from (file format, folder, Hub id); any changed value changes it."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 # --- FID / IS -------------------------------------------------------------------------------------
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 """torch-fidelity's InceptionV3 (the TF FID network's weights); `scripts/download_weights.py --model inception`."""
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+"""sha256 of `INCEPTION_FILE` (95,628,359 bytes; its name carries the first 8 hex digits, as torch.hub
+checks them): the standard FID weights. Other weights give numbers that do not compare with papers'."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def inception_modules(weights: str | os.PathLike) -> tuple[torch.nn.Module, torch.nn.Module]:
     """torch-fidelity's InceptionV3 from a local weight file: (2048-d pool features for FID,
-    1008-class logits for IS). Both take uint8 images [N,3,H,W] (resized to 299 inside)."""
+    1008-class logits for IS). Both take uint8 images [N,3,H,W] (resized to 299 inside).
+
+    Both modules carry ``weights_sha256``, the file's sha256; weights other than the standard FID
+    ones (`INCEPTION_SHA256`) are warned about (their FID / IS do not compare with published ones)."""
     import torch
     from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -300,12 +374,38 @@ def inception_modules(weights: str | os.PathLike) -> tuple[torch.nn.Module, torc
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: not a plain InceptionV3 state dict ({type(e).__name__}: {e})") from None
+    digest = file_sha256(path)
+    if digest != INCEPTION_SHA256:
+        logger.warning("%s is not the standard FID Inception weights (sha256 %s, expected %s for %s): FID / IS "
+                       "will not compare with published numbers", path, digest[:16], INCEPTION_SHA256[:16],
+                       INCEPTION_FILE)
     fid = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                              feature_extractor_weights_path=str(path))
     is_ = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
                              feature_extractor_weights_path=str(path))
     fid.num_features = 2048
+    fid.weights_sha256 = is_.weights_sha256 = digest
     return fid, is_
+
+
+def metric_weights(clip: Clip | None = None, fid_features: torch.nn.Module | None = None,
+                   is_logits: torch.nn.Module | None = None) -> dict[str, Any]:
+    """What a run records of its metric networks: ``{"clip": {"name", "sha256"}, "inception":
+    {"sha256", "standard"}}`` (None for one not used). A module without ``weights_sha256`` (a
+    stand-in feature network) is hashed by its state dict (`weights_sha256`)."""
+    def digest(m: Any) -> str | None:
+        if m is None:
+            return None
+        return getattr(m, "weights_sha256", None) or weights_sha256(m)
+
+    fid, is_ = digest(fid_features), digest(is_logits)
+    inception = None
+    if fid or is_:
+        inception = {"sha256": fid or is_, "standard": (fid or is_) == INCEPTION_SHA256}
+        if fid and is_ and fid != is_:
+            inception["is_sha256"] = is_
+    return {"clip": {"name": clip.name, "sha256": clip.weights_sha256} if clip is not None else None,
+            "inception": inception}
 
 
 def to_uint8_batch(images: Sequence[Image.Image], size: int = 299) -> torch.Tensor:

@@ -15,8 +15,8 @@ An output folder holds::
 A rerun with the same task, data, model and settings skips every item already in ``items/``
 (whatever the number of processes then and now), so a killed run resumes where it stopped and
 never recomputes a finished item; a rerun that differs is refused, naming each difference. An
-item that failed (an error row) is not finished: a rerun tries it again, and the last row of an
-id counts (so a fixed image is scored). Under
+item that failed (an error row, or a t2i row whose reference image could not be read) is not
+finished: a rerun tries it again, and the last row of an id counts (so a fixed image is scored). Under
 torchrun each rank takes every ``world_size``-th remaining item; rank 0 aggregates once all are
 done (the ranks share the folder, as dataset tokenization does).
 """
@@ -56,10 +56,20 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8 bytes for hashing, whatever it holds: a file name's undecodable bytes
+    (surrogate escapes) as those bytes, a lone surrogate (``"\\ud83d"`` from a JSON escape) as
+    its code point's 3 bytes, never an error."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def ids_hash(ids: Sequence[str]) -> str:
     import hashlib
 
-    return hashlib.sha256("\n".join(ids).encode("utf-8", "surrogateescape")).hexdigest()
+    return hashlib.sha256(utf8("\n".join(ids))).hexdigest()
 
 
 def content_hash(examples: Sequence[Example]) -> str:
@@ -72,8 +82,8 @@ def content_hash(examples: Sequence[Example]) -> str:
     for ex in examples:
         image = (os.path.abspath(ex.image) if isinstance(ex.image, str) else
                  None if ex.image is None else [os.path.abspath(ex.image.source), ex.image.id, ex.image.offset])
-        h.update(json.dumps([ex.id, image, list(ex.captions), ex.question, list(ex.answers)],
-                            ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
+        h.update(utf8(json.dumps([ex.id, image, list(ex.captions), ex.question, list(ex.answers)],
+                                 ensure_ascii=False)) + b"\n")
     return h.hexdigest()
 
 
@@ -100,6 +110,16 @@ def files_fingerprint(folder: str | os.PathLike) -> dict[str, list[Any]] | None:
                 header = hashlib.sha256(fh.read(min(n, st.st_size - 8))).hexdigest()
         out[f.name] = [st.st_size, st.st_mtime_ns, header]
     return out
+
+
+RETRY_KEYS = ("error", "reference_error")
+"""A row with one of these is not finished: a rerun does the item again (its last row counts).
+``error``: the item failed; ``reference_error``: its reference image (t2i) could not be read."""
+
+
+def unfinished(row: dict) -> bool:
+    """True for a row a rerun must redo (`RETRY_KEYS`)."""
+    return any(k in row for k in RETRY_KEYS)
 
 
 class Run:
@@ -219,7 +239,7 @@ class Run:
                 if f != own and int(f.stem[4:] or 0) >= self.world_size:
                     repair(f)
         self.barrier()
-        done = {row["id"] for row in self._read_rows() if "error" not in row}  # failed items: again
+        done = {row["id"] for row in self._read_rows() if not unfinished(row)}  # failed items: again
         self.barrier()  # every rank has read the same rows before any writes
         todo = [ex for ex in self.dataset.examples if ex.id not in done]
         self.skipped = len(self.dataset.examples) - len(todo)
@@ -264,9 +284,12 @@ class Run:
         if not self.main:
             return None
         by_id: dict[str, dict] = {}
-        for row in self._read_rows():  # an item's result beats its earlier failures (in any rank's file)
+        def rank(row: dict) -> int:  # a full result beats one without its reference, which beats a failure
+            return 0 if "error" in row else 1 if unfinished(row) else 2
+
+        for row in self._read_rows():  # (in any rank's file); of equal ones the last counts
             old = by_id.get(row["id"])
-            if old is None or "error" in old or "error" not in row:
+            if old is None or rank(row) >= rank(old):
                 by_id[row["id"]] = row
         return [by_id[ex.id] for ex in self.dataset.examples if ex.id in by_id]
 
@@ -276,7 +299,7 @@ class Run:
         import hashlib
 
         safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in item_id)[:100]
-        tag = hashlib.sha256(item_id.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+        tag = hashlib.sha256(utf8(item_id)).hexdigest()[:10]
         return self.out / "images" / f"{safe}_{tag}_{k}.{ext}"
 
     # -- report ---------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +20,8 @@ from ..dataset import _write_json_atomic
 from ..errors import InputError
 from .data import Dataset, Example
 from .metrics import (
-    Clip, caption_scores, codebook_stats, image_set_scores, normalize_answer, recall_at_k, retrieval_ranks,
-    vqa_accuracy,
+    Clip, caption_scores, codebook_stats, metric_weights, image_set_scores, normalize_answer, pixel_scores, recall_at_k,
+    retrieval_ranks, vqa_accuracy, vqa_overall,
 )
 from .runner import Run, files_fingerprint, write_jsonl
 
@@ -44,11 +46,41 @@ def _batches(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
         yield seq[s:s + n]
 
 
+class LogProgress:
+    """A progress report for a log file: one readable line every ``interval`` seconds (and at the
+    end) through `logging`, instead of tqdm's carriage-return fragments."""
+
+    def __init__(self, total: int, desc: str, interval: float = 30.0):
+        self.total, self.desc, self.interval = total, desc, interval
+        self.n = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval and self.n < self.total:
+            self.last = now
+            self._log(now)
+
+    def _log(self, now: float) -> None:
+        rate = self.n / max(now - self.start, 1e-9)
+        eta = f", about {(self.total - self.n) / rate:.0f} s left" if 0 < rate and self.n < self.total else ""
+        logger.info("%s: %d/%d items (%.0f%%), %.2f items/s%s", self.desc, self.n, self.total,
+                    100 * self.n / max(self.total, 1), rate, eta)
+
+    def close(self) -> None:
+        if self.total:
+            self._log(time.monotonic())
+
+
 def _bar(total: int, run: Run, desc: str):
+    """A tqdm bar on a terminal; on anything else (a log file, a pipe) `LogProgress` lines."""
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not run.progress, desc=f"{desc} rank {run.rank}/{run.world_size}",
-                unit="item", dynamic_ncols=True)
+    desc = f"{desc} rank {run.rank}/{run.world_size}"
+    if run.progress and not sys.stderr.isatty():
+        return LogProgress(total, desc)
+    return tqdm(total=total, disable=not run.progress, desc=desc, unit="item", dynamic_ncols=True)
 
 
 def _open(batch: Sequence[Example]) -> tuple[list[Example], list[Any], list[dict]]:
@@ -105,12 +137,46 @@ def _check_types(values: Mapping[str, Any], reference: Mapping[str, Any], what: 
 
 
 def generation_settings(defaults: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The task's generation settings with ``given`` over them, each checked against the type of
-    the task's default or of transformers' `GenerationConfig` default."""
+    """The task's generation settings with ``given`` over them: each key must be a setting of
+    transformers' `GenerationConfig` (an `InputError` naming it otherwise, e.g. ``foo=1``) and
+    each value of the type of the task's default or of `GenerationConfig`'s."""
+    import difflib
+
     from transformers import GenerationConfig
 
-    base = {k: v for k, v in vars(GenerationConfig()).items() if isinstance(v, (bool, int, float))}
+    fields = {k: v for k, v in vars(GenerationConfig()).items() if not k.startswith("_") and k != "transformers_version"}
+    for key in given or {}:
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=1)
+            raise InputError(f"generation {key}={given[key]!r}: not a generation setting (model.generate takes "
+                             f"GenerationConfig's{f'; did you mean {near[0]}?' if near else ', e.g. num_beams, max_new_tokens'})")
+    base = {k: v for k, v in fields.items() if isinstance(v, (bool, int, float))}
     _check_types(given or {}, {**base, **defaults}, "generation")
+    return {**defaults, **(given or {})}
+
+
+DECODE_SET_BY_TASK = ("codes", "negative_codes")
+"""`seed.Tokenizer.decode` arguments the t2i task sets itself (not settings: the codes, --no-negative)."""
+
+
+def decode_settings(defaults: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The task's decode settings with ``given`` over them: each key must be a keyword of
+    `seed.Tokenizer.decode` (``steps``, ``guidance_scale``, ``height``...; an `InputError` naming it
+    otherwise, e.g. ``guidance=5``), each value of the type of the task's default."""
+    import difflib
+    import inspect
+
+    from ..tokenizer import Tokenizer
+
+    names = [k for k in inspect.signature(Tokenizer.decode).parameters if k != "self" and k not in DECODE_SET_BY_TASK]
+    for key in given or {}:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            raise InputError(f"decode {key}={given[key]!r}: not a decode setting (one of {', '.join(names)}"
+                             f"{f'; did you mean {near[0]}?' if near else ''})")
+    _check_types(given or {}, defaults, "decode")
+    if (given or {}).get("num_samples", 1) != 1:
+        raise InputError(f"decode num_samples={given['num_samples']!r}: t2i draws one image per caption (leave it out)")
     return {**defaults, **(given or {})}
 
 
@@ -173,13 +239,20 @@ def _finish(run: Run, rows: list[dict], metrics: dict, headline: str, extra: dic
 
 # --- reconstruction -------------------------------------------------------------------------------
 
+PIXEL_SIZE = 256
+PIXEL_METRICS = (f"PSNR (dB, data range 1) and SSIM (Gaussian 11x11, sigma 1.5) of each reconstruction vs its "
+                 f"input, both resized to {PIXEL_SIZE}x{PIXEL_SIZE} (bicubic, aspect not kept, as the tokenizer "
+                 f"resizes), per image, then averaged (torchmetrics)")
+
 def reconstruction(tok, data: Dataset, out: str | os.PathLike, *, clip: Clip | None = None,
                    fid_features: torch.nn.Module | None = None, is_logits: torch.nn.Module | None = None,
                    batch_size: int = 4, decode: Mapping[str, Any] | None = None, grid_rows: int = 8,
                    fingerprint: dict | None = None, progress: bool = True) -> dict | None:
     """Images -> codes -> images with a `seed.Tokenizer`: CLIP-I (cosine of CLIP image embeddings,
-    input vs each reconstruction, mean over samples), FID / IS of the reconstructions vs the inputs,
-    and ``grid.png`` (input | reconstructions, the first ``grid_rows`` items).
+    input vs each reconstruction, mean over samples), PSNR and SSIM (`pixel_scores`: input and
+    reconstruction both resized to ``PIXEL_SIZE`` px, mean over samples and items; no downloaded
+    weights), FID / IS of the reconstructions vs the inputs, and ``grid.png`` (input |
+    reconstructions, the first ``grid_rows`` items).
 
     ``decode``: `seed.Tokenizer.decode` settings over the config's ``diffusion`` section.
     """
@@ -187,7 +260,7 @@ def reconstruction(tok, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
 
     decode = dict(decode or {})
     settings = {"decode": {**OmegaConf.to_container(tok.cfg.diffusion, resolve=True), **decode},
-                "clip": clip.name if clip else None}
+                "metric_weights": metric_weights(clip, fid_features, is_logits), "pixel_metrics": PIXEL_METRICS}
     with Run(out, "reconstruction", data, fingerprint or {}, settings, progress=progress) as run:
         def work(good: list[Example], images: list[Any]) -> list[dict]:
             recons = tok.reconstruct(images, **decode)
@@ -199,11 +272,14 @@ def reconstruction(tok, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
             rows = []
             for i, ex in enumerate(good):
                 paths = []
-                for j, img in enumerate(recons[i * k:(i + 1) * k]):
+                mine = recons[i * k:(i + 1) * k]
+                for j, img in enumerate(mine):
                     p = run.image_path(ex.id, j)
                     img.save(p)
                     paths.append(_relative(run, p))
-                rows.append({"id": ex.id, "clip_i": sims[i], "images": paths})
+                psnr, ssim = pixel_scores(images[i], mine, PIXEL_SIZE)
+                rows.append({"id": ex.id, "clip_i": sims[i], "psnr": sum(psnr) / k, "ssim": sum(ssim) / k,
+                             "images": paths})
             return rows
 
         rows = _each_batch(run, "reconstruction", batch_size, _on_images(work))
@@ -212,6 +288,8 @@ def reconstruction(tok, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
         metrics: dict[str, Any] = {}
         if clip is not None:
             metrics["clip_i"] = _mean([r.get("clip_i") for r in rows])
+        metrics["psnr"] = _mean([r.get("psnr") for r in rows])
+        metrics["ssim"] = _mean([r.get("ssim") for r in rows])
         by_id = {ex.id: ex for ex in data.examples}
         ok = [r for r in rows if "error" not in r]
         metrics.update(_set_scores(run, ok, [by_id[r["id"]] for r in ok], fid_features, is_logits,
@@ -221,7 +299,8 @@ def reconstruction(tok, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
 
             grid([[by_id[r["id"]].open(), *(Image.open(run.out / p) for p in r["images"])]
                   for r in ok[:grid_rows]]).save(run.out / "grid.png")
-        return _finish(run, rows, metrics, "clip_i" if clip is not None else next(iter(metrics), "clip_i"))
+        return _finish(run, rows, metrics, "clip_i" if clip is not None else "psnr",
+                       {"pixel_metrics": PIXEL_METRICS})
 
 
 # --- codebook -------------------------------------------------------------------------------------
@@ -422,10 +501,9 @@ def text_to_image(pipe, data: Dataset, out: str | os.PathLike, *, clip: Clip | N
     import torch
 
     generation = generation_settings(T2I_GENERATION, generation)
-    _check_types(decode or {}, T2I_DECODE, "decode")
-    decode = {**T2I_DECODE, **(decode or {})}
+    decode = decode_settings(T2I_DECODE, decode)
     settings = _llama_settings(pipe, template, generation, decode=decode, negative=negative, seed=seed,
-                               force_image=True, clip=clip.name if clip else None)
+                               force_image=True, metric_weights=metric_weights(clip, fid_features, is_logits))
     with Run(out, "t2i", data, fingerprint or {}, settings, progress=progress) as run:
         neg_file = run.out / "negative.json"
         if negative:
@@ -541,7 +619,10 @@ def vqa(pipe, data: Dataset, out: str | os.PathLike, *, batch_size: int = 8, tem
             return None
         metrics = {"vqa_accuracy": _mean([r.get("accuracy") for r in rows]),
                    "exact_match": _mean([r.get("exact_match") for r in rows])}
-        return _finish(run, rows, metrics, "vqa_accuracy")
+        scored = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+        extra = {"vqa_official_overall": vqa_overall(scored) if scored else None,
+                 "vqa_evaluation": "GT-Vision-Lab/VQA vqaEval.py before 'Fixed processing answers bug' (2021)"}
+        return _finish(run, rows, metrics, "vqa_accuracy", extra)
 
 
 def caption(pipe, data: Dataset, out: str | os.PathLike, *, batch_size: int = 8, template: str | None = None,

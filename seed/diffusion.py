@@ -206,7 +206,7 @@ class Diffusion:
         self.embed_shape = tuple(embed_shape)
         self._uncond: torch.Tensor | None = None
         self._scheduler_config = pipe.scheduler.config  # the model's own; every sampler is built from it
-        pipe.set_progress_bar_config(leave=False)
+        pipe.set_progress_bar_config(leave=False, disable=None)  # None: no bar when stderr is not a terminal (a log file)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, device: torch.device, dtype: torch.dtype | None = None,

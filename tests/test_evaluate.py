@@ -278,9 +278,37 @@ def test_script_reconstruction(tiny_clip_with_tokenizer, images, tmp_path, capsy
     assert "broken.png" in captured.err and "clip_i" in captured.out
     r = report_of(out)
     assert r["n"] == 3 and r["model"]["model"]["image_size"] == seed.load_config(TINY).model.image_size
-    rc = script("evaluate").main(["reconstruction", "--config", str(TINY), "--images", str(images), "--out", str(out),
-                                  "--clip", "nobody/no-such-clip", "--inception", "none"])
+    ev = script("evaluate")
+    ev.load_tokenizer = lambda *a: pytest.fail("the tokenizer loaded before the CLIP model was checked")
+    rc = ev.main(["reconstruction", "--config", str(TINY), "--images", str(images), "--out", str(out),
+                  "--clip", "nobody/no-such-clip", "--inception", "none"])
     assert rc == 2 and "--allow-download" in capsys.readouterr().err
+
+
+def test_script_reconstruction_offline_reports_psnr_ssim_and_logs_progress_lines(images, tmp_path, capsys, caplog):
+    """--clip none --inception none: PSNR and SSIM (no weights to download) make the table; on a
+    non-terminal the progress is log lines, not tqdm fragments."""
+    import logging
+
+    from seed.evaluation.metrics import pixel_scores
+
+    (images / "broken.png").unlink()
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="seed.evaluation"):
+        rc = script("evaluate").main(["reconstruction", "--config", str(TINY), "--images", str(images), "--out",
+                                      str(out), "--clip", "none", "--inception", "none", "--device", "cpu",
+                                      "diffusion.steps=1", "diffusion.num_samples=1", "diffusion.height=32",
+                                      "diffusion.width=32"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    r = report_of(out)
+    assert r["metric"] == "psnr" and isinstance(r["value"], float) and 0 < r["value"] < 60
+    assert 0 < r["metrics"]["ssim"] < 1 and "psnr" in captured.out and "ssim" in captured.out
+    item = items_of(out)[0]  # per item: PSNR / SSIM of its reconstruction vs its input at 256 px
+    psnr, ssim = pixel_scores(Image.open(images / item["id"]), [Image.open(out / item["images"][0])], 256)
+    assert item["psnr"] == pytest.approx(psnr[0]) and item["ssim"] == pytest.approx(ssim[0])
+    assert "reconstruction rank 0/1: 3/3 items (100%)" in caplog.text
+    assert "\r" not in captured.err and "it/s" not in captured.err and "item/s" not in captured.err
 
 
 def test_a_killed_t2i_run_resumes_without_regenerating(tmp_path, capsys):
@@ -483,6 +511,24 @@ def test_script_bad_input_exits_2_with_a_message(tiny_tok, images, tmp_path, cap
     assert ev.main(["vqa", "--llm", "tiny", "--questions", "q.json", "--image-root", ".", "--out", out,
                     "--prompt", "Q: {q}"]) == 2
     assert "prompt 'Q: {q}'" in capsys.readouterr().err
+    # keys too: a mistyped decode or generation setting, before any data or model is read
+    from seed.llama import SeedLlama
+
+    real = SeedLlama.from_pretrained
+    SeedLlama.from_pretrained = lambda *a, **k: pytest.fail("the LM loaded before the settings were checked")
+    try:
+        assert ev.main(["t2i", "--llm", "tiny", "--captions", "x.txt", "--out", out, "--decode", "guidance=5"]) == 2
+        err = capsys.readouterr().err
+        assert "decode guidance=5: not a decode setting" in err and "did you mean guidance_scale" in err
+        assert [line for line in err.splitlines() if line.strip()] == [err.strip()]  # one line
+        assert ev.main(["vqa", "--llm", "tiny", "--questions", "q.json", "--image-root", ".", "--out", out,
+                        "--generation", "foo=1"]) == 2
+        assert "generation foo=1: not a generation setting" in capsys.readouterr().err
+        assert ev.main(["t2i", "--llm", "tiny", "--captions", "x.txt", "--out", out, "--decode", "num_samples=4"]) == 2
+        assert "one image per caption" in capsys.readouterr().err
+    finally:
+        SeedLlama.from_pretrained = real
+    assert not Path(out).exists()
     with pytest.raises(SystemExit) as e:
         ev.main(["codebook", "--codes", str(codes), "--out", out, "--batch-size", "-1"])
     assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
@@ -505,3 +551,98 @@ def test_t2i_unreadable_references_are_counted_and_exit_1(pipe, clip, tmp_path, 
     monkeypatch.setattr(ev, "run", lambda args: report_of(out))  # the exit status of that report
     assert ev.main(["t2i", "--llm", "tiny", "--captions", str(caps), "--out", str(out)]) == 1
     assert "1 reference image(s) could not be read" in capsys.readouterr().err
+    # the reference fixed, a rerun does that item again and scores it (the two others are kept)
+    bad.write_bytes(PHOTOS[2].read_bytes())
+    r = tasks.text_to_image(pipe, D.load_captions(caps), out, clip=clip, fid_features=TinyFeatures(), batch_size=3,
+                            generation=GREEDY, decode=DECODE, negative=False, seed=0, progress=False)
+    assert r["items_resumed"] == 2 and r["n"] == 3 and r["n_reference_errors"] == 0
+    assert r["n_per_metric"] == {"clip_t": 3, "clip_i": 3, "FID_real": 3, "FID_generated": 3}
+    assert "reference_error" not in items_of(out)[2] and "clip_i" in items_of(out)[2]
+
+
+# --- what a run records and groups ----------------------------------------------------------------
+
+def test_a_resume_with_other_metric_weights_is_refused(tiny_tok, tmp_path):
+    from seed.dataset import OutputError
+
+    data = D.load_examples(DATA / "captions.jsonl")
+    out = tmp_path / "rec"
+    kw = {"batch_size": 3, "decode": DECODE, "grid_rows": 0, "progress": False}
+    r = tasks.reconstruction(tiny_tok, data, out, fid_features=TinyFeatures(0), **kw)
+    from seed.evaluation.metrics import weights_sha256
+
+    assert r["settings"]["metric_weights"]["inception"] == {"sha256": weights_sha256(TinyFeatures(0)),
+                                                            "standard": False}
+    assert tasks.reconstruction(tiny_tok, data, out, fid_features=TinyFeatures(0), **kw)["items_resumed"] == 3
+    with pytest.raises(OutputError, match="metric_weights.inception.sha256"):
+        tasks.reconstruction(tiny_tok, data, out, fid_features=TinyFeatures(1), **kw)
+
+
+def test_one_row_per_pair_and_one_row_per_image_give_the_same_items_and_numbers(tmp_path):
+    from seed.training.config import load_train_config
+    from seed.training.models import build_model
+
+    grouped = tmp_path / "grouped.jsonl"
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [json.loads(line) for line in (DATA / "captions.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["image"] = str(DATA / r["image"])
+    grouped.write_text("\n".join(json.dumps(r) for r in rows))
+    pairs.write_text("\n".join(json.dumps({"image": r["image"], "caption": c}) for r in rows for c in r["caption"]))
+    a, b = D.load_examples(grouped, need_captions=True), D.load_examples(pairs, need_captions=True)
+    assert [(e.id, e.image, e.captions) for e in a.examples] == [(e.id, e.image, e.captions) for e in b.examples]
+    assert len(b.examples) == 3 and all(len(e.captions) == 2 for e in b.examples)
+    model = build_model(load_train_config(ROOT / "configs/train/seed1_stage1_tiny.yaml")).eval()
+    ra = tasks.retrieval(model, a, tmp_path / "a", ks=(1, 2), progress=False)
+    rb = tasks.retrieval(model, b, tmp_path / "b", ks=(1, 2), progress=False)
+    assert ra["metrics"] == rb["metrics"] and rb["images"] == 3 and rb["texts"] == 6
+
+
+def test_lone_surrogates_in_the_data_are_bad_rows_not_a_crash(tmp_path, caplog):
+    from seed.evaluation.runner import Run, content_hash
+
+    half_emoji = "a cat \ud83d"  # a JSON escape of half a surrogate pair: not valid Unicode
+    assert len(content_hash([D.Example("x", None, (half_emoji,))])) == 64  # hashing never raises
+    jl = tmp_path / "caps.jsonl"
+    jl.write_text("\n".join([json.dumps({"image": str(PHOTOS[1]), "caption": half_emoji}),
+                             json.dumps({"image": str(PHOTOS[0]), "caption": "a camera"})]))
+    for ds in (D.load_examples(jl, need_captions=True), D.load_captions(jl)):
+        assert ds.bad == 1 and [e.captions for e in ds.examples] == [("a camera",)]
+        with Run(tmp_path / "run", "t2i", ds, {}, {}, progress=False) as run:
+            assert len(run.todo) == 1
+    assert "valid Unicode" in caplog.text
+    q, a = tmp_path / "q.json", tmp_path / "a.json"
+    q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1, "question": "What \ud83d?"},
+                                           {"question_id": 2, "image_id": 2, "question": "What?"}]}))
+    a.write_text(json.dumps({"annotations": [{"question_id": 2, "answers": [{"answer": "x\udc00"}] * 10}]}))
+    ds = D.load_vqa(q, a, tmp_path)
+    assert ds.bad == 2 and not ds.examples
+
+
+def test_a_changed_image_tokenizer_config_is_refused_on_rerun(tmp_path, capsys):
+    """vqa with --image-tokenizer a YAML: its model section (and weight files) are in run.json, so a
+    rerun after the YAML changed is refused, not resumed with other codes."""
+    import shutil
+
+    ev = script("evaluate")
+    yaml = tmp_path / "itok.yaml"
+    shutil.copy(ROOT / "configs" / "seed2_tiny.yaml", yaml)
+    root = tmp_path / "val2014"
+    root.mkdir()
+    Image.open(PHOTOS[1]).convert("RGB").save(root / "COCO_val2014_000000000001.jpg")
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1, "question": "What?"}]}))
+    out = tmp_path / "vqa"
+    argv = ["vqa", "--llm", "tiny", "--image-tokenizer", str(yaml), "--questions", str(q), "--image-root", str(root),
+            "--out", str(out), "--generation", "max_new_tokens=2", "--device", "cpu", "--no-progress"]
+    assert ev.main(argv) == 0
+    rec = json.loads((out / "run.json").read_text())["model"]["image_tokenizer"]
+    assert rec["model"]["image_resample"] == "bilinear" and set(rec["weights"].values()) == {None}  # random
+    assert ev.main(argv) == 0  # the same: resumed
+    yaml.write_text(yaml.read_text().replace("image_resample: bilinear", "image_resample: bicubic"))
+    capsys.readouterr()
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model.image_tokenizer.model.image_resample" in err and "another run" in err
+    # the default image tokenizer is fingerprinted the same way
+    assert ev.image_tokenizer_fingerprint("seed2_tiny")["model"] == seed.load_config("seed2_tiny").model

@@ -84,6 +84,29 @@ CANDIDATES = {"a": "Red kite over hills.", "b": "green boat near town"}
 REFERENCES = {"a": ["red kite over hills"], "b": ["Green boat near docks!"]}
 
 
+def test_vqa_human_answers_are_compared_as_the_pre_2021_official_code_does():
+    """GT-Vision-Lab/VQA vqaEval.py before "Fixed processing answers bug" (2021), worked by hand:
+    the generated answer is stripped and normalized; the human answers are not stripped, not
+    lower-cased and get no digit/article processing, only punctuation processing, and only when
+    they are not all equal."""
+    # ' red' keeps its space: no human matches 'red' (0.0 there; stripping the humans gives 0.9)
+    assert M.vqa_accuracy("red", [" red"] * 3 + ["blue"] * 7) == 0.0
+    # humans are not lower-cased: 'Red' never matches the normalized 'red'
+    assert M.vqa_accuracy("red", ["Red"] * 4 + ["blue"] * 6) == 0.0
+    # punctuation processing of the humans: 'yes.' loses its period -> 'yes' (3 matches: 0.9);
+    # 'yes!' has its '!' replaced by a space -> 'yes ' (no match)
+    assert M.vqa_accuracy("yes", ["yes."] * 3 + ["no"] * 7) == pytest.approx(0.9)
+    assert M.vqa_accuracy("yes", ["yes!"] * 3 + ["no"] * 7) == 0.0
+    # unanimous humans are compared as given: 'Two' -> '2' matches ten '2' (the 2021 code: 0)
+    assert M.vqa_accuracy("Two", ["2"] * 10) == 1.0
+    assert M.vqa_accuracy(" two dogs\n", ["2 dogs"] * 10) == 1.0
+    # 2 of 10 humans: each of the 8 others' subsets holds both (2/3), each matching one's holds
+    # the other (1/3): (8 x 2/3 + 2 x 1/3) / 10 = 0.6
+    assert M.vqa_accuracy("cat", ["cat", "cat"] + [f"dog{i}" for i in range(8)]) == pytest.approx(0.6)
+    # the official overall figure: round(100 x mean, 2)
+    assert M.vqa_overall([1.0, 0.3, 0.0]) == 43.33
+
+
 @pytest.mark.skipif(not M.java_available(), reason="pycocoevalcap's PTB tokenizer needs Java")
 def test_cider_and_bleu_against_hand_computation():
     """Two images, one reference each, no n-gram shared between images (so every n-gram has idf
@@ -111,6 +134,37 @@ def test_line_breaks_in_captions_do_not_shift_the_references():
                          {"a": ["red kite\nover hills"], "b": ["Green\x0bboat near docks!"]})
     assert s["per_item"]["a"]["CIDEr"] == pytest.approx(10.0, abs=1e-6)
     assert s["per_item"]["b"]["CIDEr"] == pytest.approx(230 / 48, abs=1e-6)
+
+
+@pytest.mark.skipif(not M.java_available(), reason="pycocoevalcap's PTB tokenizer needs Java")
+def test_an_empty_caption_scores_as_the_official_pipeline():
+    """An empty generated caption is an empty line for the PTB tokenizer, a hypothesis of 0 words:
+    by hand, with REFERENCES, candidates '' and 'green boat near town': 3 of 4 hypothesis words
+    match, the hypotheses have 4 words and the closest references 8, so BLEU-1 = 3/4 x exp(1 - 8/4)
+    (a placeholder word would make it 3/5 x exp(1 - 8/5)). And every value as pycocoevalcap
+    computes it when called the official way (COCOEvalCap.evaluate: PTBTokenizer on both sides,
+    then Bleu(4) and Cider()) on a small set with empty and blank captions."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    s = M.caption_scores({"a": "", "b": "green boat near town"}, REFERENCES)
+    assert s["BLEU-1"] == pytest.approx(0.75 * math.exp(1 - 8 / 4), rel=1e-6)
+    assert s["per_item"]["a"]["CIDEr"] == 0.0
+
+    refs = {"1": ["A cat on a mat.", "A cat sits on the mat"], "2": ["Two dogs run in a park!", "dogs running"],
+            "3": ["A red bus on the street", "a bus"], "4": ["A cup of coffee", "coffee in a white cup"],
+            "5": ["A man holding a camera.", "a camera"]}
+    cands = {"1": "a cat on the mat", "2": "", "3": "a red bus", "4": "  ", "5": "a man with a camera"}
+    ours = M.caption_scores(cands, refs)
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in refs[i]] for i in refs})
+    res = tok.tokenize({i: [{"caption": cands[i]}] for i in refs})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    assert ours["CIDEr"] == pytest.approx(cider, abs=1e-12)
+    for n in range(4):
+        assert ours[f"BLEU-{n + 1}"] == pytest.approx(bleu[n], abs=1e-12)
 
 
 def test_caption_scores_without_java_is_a_clear_error(monkeypatch):
@@ -217,3 +271,66 @@ def test_codebook_stats_by_hand():
     assert s["most_used"] == [[0, 4], [1, 2]] and s["least_used"] == [[3, 1], [2, 1]]
     with pytest.raises(InputError, match=r"\[0, 16\)"):
         M.codebook_stats(torch.tensor([[0, 16]]), codebook_size=16)
+
+
+# --- PSNR / SSIM ----------------------------------------------------------------------------------
+
+def test_psnr_and_ssim_by_hand():
+    """Uniform images stay uniform when resized: reference gray 128, image gray 153 (of 255).
+    PSNR = 10 log10(1 / MSE) = 20 log10(255 / 25); SSIM of constant images is its luminance term
+    (2 a b + C1) / (a^2 + b^2 + C1), C1 = (0.01 x data range)^2 (the contrast/structure terms are 1)."""
+    ref = Image.new("RGB", (40, 30), (128, 128, 128))
+    img = Image.new("RGB", (64, 64), (153, 153, 153))
+    psnr, ssim = M.pixel_scores(ref, [img, ref], size=32)
+    a, b, c1 = 128 / 255, 153 / 255, 0.01 ** 2
+    assert psnr[0] == pytest.approx(20 * math.log10(255 / 25), abs=1e-4)
+    assert ssim[0] == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), abs=3e-4)  # float32 variances
+    assert ssim[1] == pytest.approx(1.0) and psnr[1] == math.inf  # an image against itself
+    # a noisy image: PSNR from the MSE of the resized pixels, computed here with numpy
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mse = ((np.asarray(noisy, dtype=np.float64) - 128) / 255) ** 2
+    assert M.pixel_scores(ref, [noisy], size=32)[0][0] == pytest.approx(10 * math.log10(1 / mse.mean()), abs=1e-4)
+
+
+# --- which weights made the numbers -----------------------------------------------------------------
+
+def test_metric_weights_are_hashed_by_content(tiny_clip_with_tokenizer, tmp_path):
+    import hashlib
+    import shutil
+
+    from transformers import CLIPModel
+
+    a, b = TinyFeatures(0), TinyFeatures(0)
+    assert M.weights_sha256(a) == M.weights_sha256(b)
+    with torch.no_grad():
+        b.proj.weight[0, 0] += 1e-3
+    assert M.weights_sha256(a) != M.weights_sha256(b)
+    rec = M.metric_weights(None, a, None)
+    assert rec == {"clip": None, "inception": {"sha256": M.weights_sha256(a), "standard": False}}
+    # CLIP: the same weights under another folder name hash the same; changed weights do not
+    clip = M.Clip(tiny_clip_with_tokenizer)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_clip_with_tokenizer, copy)
+    assert M.Clip(copy).weights_sha256 == clip.weights_sha256
+    model = CLIPModel.from_pretrained(copy)
+    with torch.no_grad():
+        model.visual_projection.weight[0, 0] += 1e-3
+    model.save_pretrained(copy)
+    assert M.Clip(copy).weights_sha256 != clip.weights_sha256
+    # Inception: the file's sha256 (the standard file's is known: torch-fidelity's / pytorch-fid's)
+    assert M.INCEPTION_SHA256.startswith("6726825d") and "6726825d" in M.INCEPTION_FILE
+    path = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(3)}, path)
+    fake = type("Stub", (nn.Module,), {})()
+    fake.weights_sha256 = M.file_sha256(path)
+    assert fake.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert M.metric_weights(None, fake, fake)["inception"] == {"sha256": fake.weights_sha256, "standard": False}
+
+
+def test_inception_weights_that_are_not_the_standard_ones_are_warned_about(tmp_path, caplog):
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"  # the right name, other content
+    torch.save({"w": torch.zeros(3)}, path)
+    with pytest.raises(Exception):  # noqa: B017 - not an InceptionV3: torch-fidelity cannot load it
+        M.inception_modules(path)
+    assert "not the standard FID Inception weights" in caplog.text

@@ -303,22 +303,23 @@ def pixel_scores(reference: Image.Image, images: Sequence[Image.Image], size: in
     """PSNR (dB) and SSIM of each of ``images`` against ``reference`` (torchmetrics; no weights).
 
     All are converted to RGB and resized to ``size`` x ``size`` (bicubic, aspect ratio not kept,
-    as the tokenizer resizes its input), as float [0, 1] (data range 1). PSNR is per image (MSE
+    as the tokenizer resizes its input), as float32 [0, 1] (data range 1). PSNR is per image (MSE
     over its pixels and channels); SSIM with torchmetrics' default Gaussian window (11, sigma 1.5),
     averaged over the image. Returns (PSNR list, SSIM list), one value per image.
     """
     import numpy as np
     import torch
     from PIL import Image as PILImage
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image.psnr import peak_signal_noise_ratio
+    from torchmetrics.functional.image.ssim import structural_similarity_index_measure
 
     def tensor(im: Image.Image) -> torch.Tensor:
-        a = np.asarray(im.convert("RGB").resize((size, size), PILImage.BICUBIC), dtype=np.float64) / 255.0
+        a = np.asarray(im.convert("RGB").resize((size, size), PILImage.BICUBIC), dtype=np.float32) / 255.0
         return torch.from_numpy(a).permute(2, 0, 1)
 
     if not images:
         return [], []
-    fake = torch.stack([tensor(im) for im in images])                   # float64 [N,3,size,size]
+    fake = torch.stack([tensor(im) for im in images])                   # float32 [N,3,size,size]
     real = tensor(reference)[None].expand_as(fake)
     psnr = peak_signal_noise_ratio(fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(fake, real, data_range=1.0, reduction="none")

@@ -355,6 +355,15 @@ def test_bad_inputs_are_named(pipe, tmp_path):
         seed1.prompts([[PHOTOS[0], "hi"]])
 
 
+def test_text_that_is_not_unicode_is_an_input_error(pipe):
+    """A lone surrogate (half an emoji, from a JSON escape or an undecodable command-line byte) is
+    named, not SentencePiece's RuntimeError from deep inside the tokenizer."""
+    with pytest.raises(InputError, match=r"conversation 0: the text is not valid Unicode .*'\\ud83d'"):
+        pipe.chat("a cat \ud83d", max_new_tokens=2)
+    with pytest.raises(InputError, match="conversation 0, message 0, part 1: the text is not valid Unicode"):
+        pipe.chat([{"role": "user", "content": [PHOTOS[0], {"type": "text", "text": "\udcff"}]}], max_new_tokens=2)
+
+
 # --------------------------------------------------------------------------- the script
 
 

@@ -201,3 +201,23 @@ def test_a_broken_lm_folder_is_an_error_line_and_leaves_no_files(tiny_pipe, tmp_
         assert rc == 2 and err.startswith(f"error: llm: cannot load the LM from {folder}") and \
             "Traceback" not in err, err
         assert list(out.iterdir()) == []
+
+
+def test_a_prompt_that_is_not_utf8_is_an_error_and_writes_nothing(tmp_path):
+    """A non-UTF-8 byte on the command line (Python reads it as a lone surrogate): one error line,
+    exit 2, before any model loads, and no transcript.md / codes.json (no --out folder at all)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "chat"
+    proc = subprocess.run([sys.executable, os.fsencode(SCRIPT), b"--llm", b"tiny", b"--prompt", b"a cat \xff",
+                           b"--out", os.fsencode(out)], capture_output=True, timeout=300)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "error: --prompt: not valid UTF-8 text (the byte 0xff at character 6); pass the text in UTF-8"]
+    assert not out.exists()
+    with no_model_loads():
+        rc, _, err = run("--llm", "tiny", "--prompt", "half an emoji \ud83d", "--out", str(out))
+    assert rc == 2 and "a lone surrogate U+D83D" in err and not out.exists()

@@ -3,7 +3,7 @@
     python scripts/evaluate.py TASK --out DIR [options] [key=value config overrides]
 
 Tasks:
-  reconstruction  images -> codes -> images: CLIP-I (input vs reconstruction), FID / IS, grid.png
+  reconstruction  images -> codes -> images: CLIP-I (input vs reconstruction), PSNR / SSIM, FID / IS, grid.png
   codebook        codes of a dataset (a tokenize_dataset.py folder, or images): usage, perplexity, entropy
   retrieval       zero-shot image <-> text retrieval of a stage-1 model, R@1/5/10 both ways (SEED-1 Table 1)
   t2i             SEED-LLaMA text-to-image: CLIP-T, CLIP-I vs the reference image, FID / IS
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--generation", nargs="*", metavar="KEY=VALUE", help="model.generate settings (over the task's)")
         p.add_argument("--seed", type=int, default=None)
 
-    p = sub.add_parser("reconstruction", help="tokenizer: CLIP-I, FID, IS of reconstructions")
+    p = sub.add_parser("reconstruction", help="tokenizer: CLIP-I, PSNR, SSIM, FID, IS of reconstructions")
     common(p)
     clip_args(p)
     p.add_argument("--config", default="configs/seed_tokenizer.yaml", help="tokenizer config (name / YAML) or folder")

@@ -230,8 +230,8 @@ def render(record: Mapping[str, Any]) -> str:
     llm = record["kind"] == "seed-llama"
     lines = ["---", yaml.safe_dump(metadata(record), sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
     if llm:
-        lines += ["# SEED-LLaMA", "", "A causal LM trained on SEED image codes with "
-                  "[seed](https://github.com/AILab-CVC/SEED)'s `scripts/train_llama.py`. Load it with "
+        lines += ["# SEED-LLaMA", "", "A causal LM trained on SEED image codes with the `seed` library's "
+                  "`scripts/train_llama.py`. Load it with "
                   "`seed.SeedLlama.from_pretrained(FOLDER)` (or `transformers.AutoModelForCausalLM`: the "
                   "merged weights).", ""]
     else:

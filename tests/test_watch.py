@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import PHOTOS, ROOT
+from conftest import ROOT
 
 LLM_SCRIPT = ROOT / "scripts" / "train_llama.py"
 TOK_SCRIPT = ROOT / "scripts" / "train_tokenizer.py"

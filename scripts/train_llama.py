@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     from seed.training.run import run_script, script_logger  # heavy imports only after parsing: --help is fast
 
     log = script_logger("train_llama")
+    command = [sys.argv[0], *sys.argv[1:]] if argv is None else [__file__, *argv]  # for the model card
 
     def body() -> int:
         from seed.training.llm.config import load_llama_train_config
         from seed.training.llm.train import train
 
         cfg = load_llama_train_config(args.config, *args.overrides)
-        summary = train(cfg, resume=args.resume, overrides=args.overrides)
+        summary = train(cfg, resume=args.resume, overrides=args.overrides, command=command)
         log.info("done: step %d, outputs in %s%s", summary["step"], summary["output_dir"],
                  f", export in {summary['export']}" if summary.get("export") else "")
         return 0

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from seed.training.run import run_script, script_logger  # heavy imports only after parsing: --help is fast
 
     log = script_logger("train_tokenizer")
+    command = [sys.argv[0], *sys.argv[1:]] if argv is None else [__file__, *argv]  # for the model card
 
     def body() -> int:
         from seed.training.config import load_train_config
@@ -66,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
             from seed.training.loop import export_checkpoint
 
             out = args.export_to or default_export_folder(args.export_from)
-            log.info("exported %s", export_checkpoint(cfg, args.export_from, out, overrides=args.overrides))
+            log.info("exported %s", export_checkpoint(cfg, args.export_from, out, overrides=args.overrides,
+                                                      command=command))
             return 0
         from seed.training.loop import train
 
-        summary = train(cfg, resume=args.resume, overrides=args.overrides)
+        summary = train(cfg, resume=args.resume, overrides=args.overrides, command=command)
         log.info("done: step %d, outputs in %s", summary["step"], summary["output_dir"])
         return 0
 

@@ -4,10 +4,12 @@ trainer on it, resumed bit-for-bit."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,3 +216,32 @@ def test_checkpoint_write_is_atomic(tmp_path):
     (folder / "state.pt").unlink()
     with pytest.raises(seed.CheckpointError, match="state.pt: missing"):
         read_checkpoint(folder)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_file(tmp_path, monkeypatch, caplog, tty):
+    """A bar (with the last loss and val_loss) only when stderr is a terminal; either way a log
+    line every log_every steps and on every step with a val_ value, numbers only."""
+    err = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    run = Run(toy_cfg(f"train.output_dir={tmp_path}", "train.log_every=3", "train.tensorboard=false"))
+    run.begin(4)
+    with caplog.at_level(logging.INFO, logger="seed.training.run"):
+        for step in range(1, 5):
+            row = {"step": step, "loss": 1.0 / step, "lr": 0.1, "sources": {"a": 1}}
+            if step == 2:
+                row["val_loss"] = 0.75
+            run.log(row)
+    run.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "3/4", "4/4"]
+    assert lines[0].startswith("step 2/4 (50%)  loss 0.5  val_loss 0.75  lr 0.1") and "eta" in lines[0]
+    assert all("sources" not in line for line in lines)
+    assert ("step/s" in err.getvalue() and "val_loss=0.75" in err.getvalue()) == tty
+    if not tty:
+        assert err.getvalue() == ""

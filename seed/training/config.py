@@ -81,6 +81,14 @@ class DataConfig:
     """RandomHorizontalFlip(0.5)."""
     max_words: int = 50
     """Captions are cut to this many words after cleaning."""
+    val: Optional[str] = None
+    """A held-out set in the formats of ``train`` (JSONL file, ``.tar`` shard, folder of shards): its
+    loss is logged as ``val_loss`` every ``train.eval_every`` steps and at the end
+    (`seed.training.val.PairValSet`: images resized, no crop or flip, each pair's first caption)."""
+    val_batch_size: Optional[int] = None
+    """Images per GLOBAL validation batch (all processes together; must divide by their number);
+    null: ``batch_size``. Stage 1's contrastive loss compares the images of one batch, so this
+    value (not the number of processes) decides what ``val_loss`` measures."""
 
 
 @dataclass
@@ -100,10 +108,15 @@ class RunSection:
     """Keep only the newest this many checkpoints; 0: keep all."""
     log_every: int = 50
     """Log a line (losses, lr, throughput) every this many steps; metrics.jsonl gets every step."""
-    tensorboard: bool = False
-    """Also write TensorBoard logs to OUTPUT/tensorboard (``pip install seed[train]``)."""
+    eval_every: Optional[int] = None
+    """Evaluate the held-out set ``data.val`` every this many steps (and at the last step);
+    null: at the last step only. Needs ``data.val``."""
+    tensorboard: Optional[bool] = None
+    """Write TensorBoard logs to OUTPUT/tensorboard (``tensorboard --logdir OUTPUT``). null: when the
+    ``tensorboard`` package is installed (./install.sh installs it); true: required."""
     progress: bool = True
-    """A tqdm bar on rank 0."""
+    """Rank 0 shows a tqdm bar when stderr is a terminal; otherwise (a log file) a log line every
+    ``log_every`` steps is the progress."""
 
 
 @dataclass
@@ -201,6 +214,23 @@ def check_run_section(cfg: DictConfig, where: str = "config") -> None:
         (t.log_every >= 1, "train.log_every", "must be >= 1"),
         (t.keep_last >= 0, "train.keep_last", "must be >= 0"),
     ])
+    check_eval(cfg, where)
+
+
+def check_eval(cfg: DictConfig, where: str = "config") -> None:
+    """``train.eval_every`` >= 1 or null, and only with a held-out set ``data.val`` (an eval
+    cadence without a set to evaluate is a mistake, not a no-op)."""
+    every = OmegaConf.select(cfg, "train.eval_every")
+    val = OmegaConf.select(cfg, "data.val")
+    if every is not None and every < 1:
+        raise InputError(f"{where}: bad value for 'train.eval_every' ({every!r}): must be >= 1, or null "
+                         f"(evaluate data.val at the last step only)")
+    if every is not None and val is None:
+        raise InputError(f"{where}: train.eval_every={every} but no held-out set: pass data.val=FILE_OR_FOLDER, "
+                         f"or drop train.eval_every")
+    vb = OmegaConf.select(cfg, "data.val_batch_size")
+    if vb is not None and vb < 1:
+        raise InputError(f"{where}: bad value for 'data.val_batch_size' ({vb!r}): must be >= 1 or null")
 
 
 def _raise_first(cfg: DictConfig, where: str, checks: list[tuple[bool, str, str]]) -> None:

@@ -180,9 +180,10 @@ def _read_tar_pairs(path: Path, shard_id: str) -> tuple[list[Pair], int]:
     return pairs, bad
 
 
-def read_pairs(src: str | os.PathLike) -> list[Pair]:
+def read_pairs(src: str | os.PathLike, what: str = "data.train") -> list[Pair]:
     """Every image-caption pair of ``data.train`` (a JSONL/JSON file, a ``.tar`` shard or a
-    folder of shards), in a fixed order. Malformed rows are logged, counted and left out."""
+    folder of shards), in a fixed order. Malformed rows are logged, counted and left out.
+    ``what``: the option named in errors (``data.val`` for the held-out set)."""
     src = Path(src).expanduser()
     if src.is_dir():
         shards = sorted(p for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(".tar"))
@@ -194,13 +195,13 @@ def read_pairs(src: str | os.PathLike) -> list[Pair]:
     elif src.is_file():
         found = [_read_json_pairs(src)]
     else:
-        raise InputError(f"data.train: {src}: no such file or folder")
+        raise InputError(f"{what}: {src}: no such file or folder")
     pairs = [p for ps, _ in found for p in ps]
     bad = sum(b for _, b in found)
     if bad:
         logger.warning("%s: %d malformed row(s) skipped, %d pairs kept", src, bad, len(pairs))
     if not pairs:
-        raise InputError(f"data.train: {src}: no image-caption pairs found")
+        raise InputError(f"{what}: {src}: no image-caption pairs found")
     return pairs
 
 

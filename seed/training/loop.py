@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import resolve_path
 from ..errors import InputError
+from . import card
 from .config import TrainConfig, image_size, max_steps
 from .data import Position, build_loader, read_pairs
 from .optim import lr_at_step, param_groups
@@ -109,7 +111,8 @@ def _find_codebook(model: torch.nn.Module, size: int, dim: int) -> torch.nn.Para
     return found[0] if len(found) == 1 else None
 
 
-def train(cfg: DictConfig, resume: bool = False, build_model=None, overrides: Sequence[str] | None = None) -> dict:
+def train(cfg: DictConfig, resume: bool = False, build_model=None, overrides: Sequence[str] | None = None,
+          command: Sequence[str] | None = None) -> dict:
     """Train per ``cfg`` (a validated `seed.training.config.TrainConfig`); returns a summary dict
     (``step``, ``output_dir``, ``export`` (stage 2) and the last step's metrics).
 
@@ -118,11 +121,12 @@ def train(cfg: DictConfig, resume: bool = False, build_model=None, overrides: Se
     command line's ``key=value`` strings, so a resume can tell a value given there (refused when
     it differs from the checkpoint's, except run-only keys) from one of the config file (the
     checkpoint's is used); None: every value of ``cfg`` counts as given. ``build_model``: a
-    stand-in for `seed.training.models.build_model` (tests). Raises `seed.InputError`,
+    stand-in for `seed.training.models.build_model` (tests). ``command``: the script's ``[script,
+    *args]`` for the export's model card (None: ``sys.argv``). Raises `seed.InputError`,
     `seed.CheckpointError`, or `seed.training.run.NonFiniteError` (a non-finite loss: stopped
     before the bad update; the last good checkpoint is kept, no export written).
     """
-    run = Run(cfg, resume=resume, overrides=overrides, schema=TrainConfig)
+    run = Run(cfg, resume=resume, overrides=overrides, schema=TrainConfig, command=command)
     try:
         if run.cfg.data.train is None:
             raise InputError("data.train is not set: pass data.train=FILE.jsonl or data.train=DIR_OR_SHARD")
@@ -176,6 +180,7 @@ def _train(run: Run, build_model) -> dict:
         seed=t.seed, start=position, num_workers=cfg.data.num_workers, min_scale=cfg.data.min_scale,
         flip=cfg.data.flip, max_words=cfg.data.max_words, pin_memory=d.device.type == "cuda")
     batches: Iterator[dict] = iter(loader)
+    val = build_val(cfg, d)
     run.begin(total_steps)  # after building the loader, so nothing after this point differs from the first run
     if d.main:
         logger.info("%d pairs, %d processes x %d images x %d accumulation = %d per step, %d batches per epoch; "
@@ -247,6 +252,8 @@ def _train(run: Run, build_model) -> dict:
                         logger.info("step %d: restarted %d dead codes", step, moved)
                     if d.world_size > 1:
                         dist.broadcast(codebook.data, 0)
+            if val is not None and (step == total_steps or (t.eval_every and step % t.eval_every == 0)):
+                row["val_loss"] = val.evaluate(net, d.device, lambda: _autocast(d, t.precision))
             if run.log_due(step):
                 now = time.perf_counter()
                 row["images_per_s"] = global_images * (step - tick_step) / max(now - tick, 1e-9)
@@ -271,10 +278,27 @@ def _train(run: Run, build_model) -> dict:
         export_dir = run.out_dir / "export"
         if d.main:
             _export(net, export_dir)
+            card.write_card(export_dir, card.tokenizer_record(
+                cfg, out_dir=run.out_dir, step=step, pairs=len(pairs), val_pairs=val.samples if val else None,
+                skipped_images=skipped_total, world_size=d.world_size, command=run.command))
             logger.info("exported the tokenizer to %s (seed.Tokenizer.from_pretrained)", export_dir)
         summary["export"] = str(export_dir)
     d.barrier()
     return summary
+
+
+def build_val(cfg: DictConfig, d: Dist):
+    """The held-out pairs of ``data.val`` for this rank (`seed.training.val.PairValSet`), or None."""
+    if cfg.data.val is None:
+        return None
+    from .val import PairValSet
+
+    if cfg.train.eval_every is None:
+        logger.info("data.val without train.eval_every: evaluated at the last step only")
+    return PairValSet(resolve_path(cfg.data.val), image_size=image_size(cfg),
+                      batch_size=cfg.data.val_batch_size or cfg.data.batch_size, rank=d.rank, world_size=d.world_size,
+                      seed=cfg.train.seed, max_words=cfg.data.max_words, num_workers=cfg.data.num_workers,
+                      resample=cfg.model.image_resample)
 
 
 def _export(model: torch.nn.Module, out: str | os.PathLike) -> Path:
@@ -285,7 +309,7 @@ def _export(model: torch.nn.Module, out: str | os.PathLike) -> Path:
 
 
 def export_checkpoint(cfg: DictConfig, checkpoint: str | os.PathLike, out: str | os.PathLike, build_model=None,
-                      overrides: Sequence[str] | None = None) -> Path:
+                      overrides: Sequence[str] | None = None, command: Sequence[str] | None = None) -> Path:
     """Export a stage-2 checkpoint folder as a ``Tokenizer.save_pretrained`` folder at ``out``.
 
     The model (frozen parts included) is built from the checkpoint's ``config.yaml``, as a resume
@@ -305,4 +329,7 @@ def export_checkpoint(cfg: DictConfig, checkpoint: str | os.PathLike, out: str |
         from .models import build_model
     model = build_model(cfg)
     model.load_trainable_state_dict(tensors, str(checkpoint))
-    return _export(model, out)
+    folder = _export(model, out)
+    step = int(re.sub(r"\D", "", checkpoint.name) or 0)
+    card.write_card(folder, card.tokenizer_record(cfg, out_dir=checkpoint.parent.parent, step=step, command=command))
+    return folder

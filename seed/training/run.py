@@ -25,7 +25,14 @@ write one checkpoint format and resume one way. The shape of a trainer::
 and a script's ``main`` returns ``run_script(body, log)`` (exit statuses below).
 
 Config: the trainer's ``train:`` section subclasses `RunSection` (``output_dir``, ``max_steps``,
-``save_every``, ``keep_last``, ``seed``, ``log_every``, ``tensorboard``, ``progress``).
+``save_every``, ``keep_last``, ``seed``, ``log_every``, ``eval_every``, ``tensorboard``, ``progress``).
+
+Watching (`Run.log`): a row's numbers go to metrics.jsonl and TensorBoard (``OUT/tensorboard``:
+``train/KEY``, and ``val/NAME`` for a ``val_NAME`` key such as ``val_loss``); rank 0 shows a tqdm
+bar when stderr is a terminal (log lines are printed above it), and in a log file (stderr not a
+terminal) no bar: one log line every ``log_every`` steps, and on every step with a ``val_`` value.
+A trainer's held-out evaluation runs under `preserved_rng` with the model in eval mode, so it
+never changes the training that follows.
 
 Checkpoints: ``OUT/checkpoints/step_XXXXXXXX/`` holds ``model.safetensors`` (the tensors the
 trainer passes: its trainable parameters, by name), ``state.pt`` (``format``, ``step``,
@@ -56,6 +63,7 @@ last good checkpoint kept); 130 Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -65,8 +73,10 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +102,10 @@ FORMAT = 1
 EXIT_OK, EXIT_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 RUN_ONLY = frozenset({"train.output_dir", "train.max_steps", "train.save_every", "train.keep_last",
-                      "train.log_every", "train.tensorboard", "train.progress", "data.num_workers"})
-"""Keys that may change on resume: they change where and how long a run goes, not what it computes."""
+                      "train.log_every", "train.tensorboard", "train.progress", "data.num_workers",
+                      "train.eval_every", "data.val", "data.val_batch_size"})
+"""Keys that may change on resume: they change where and how long a run goes and what is watched
+(the held-out set and how often it is evaluated), not what it trains."""
 
 
 class NonFiniteError(RuntimeError):
@@ -169,6 +181,17 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Run a block (an evaluation) without touching the training's random streams: the torch,
+    CUDA (``device``), numpy and python RNG states are restored afterwards."""
+    state = rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(state, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -416,6 +439,23 @@ class MetricsLog:
             self._f = None
 
 
+def quiet_library_bars() -> None:
+    """Turn off the tqdm bars of transformers (loading, "Writing model shards") and huggingface_hub:
+    in a log file their frames would sit between the log lines."""
+    try:
+        import transformers.utils.logging as tl
+
+        tl.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 class Run:
@@ -427,13 +467,16 @@ class Run:
     config the run's (`config_for_resume`), checks TensorBoard is importable when asked, and seeds
     every RNG with ``train.seed + rank``. Nothing heavy is built, so bad input fails in seconds.
 
+    ``command``: the script's command line ``[script, *args]`` (None: ``sys.argv``), for the model card.
+
     Attributes: ``cfg`` (the config to train with), ``dist`` (`Dist`), ``out_dir``, ``checkpoint``
     (the folder resumed from, or None), ``tensors`` and ``state`` (its contents, or None),
     ``start_step`` (0 or the resumed step), ``resumed``.
     """
 
     def __init__(self, cfg: DictConfig, *, resume: bool = False, overrides: Sequence[str] | None = None,
-                 schema: type | None = None, run_only: Collection[str] = RUN_ONLY):
+                 schema: type | None = None, run_only: Collection[str] = RUN_ONLY, command: Sequence[str] | None = None):
+        self.command = list(sys.argv if command is None else command)  # for the export's model card
         self.dist = d = setup_distributed()
         self.out_dir = prepare_output_dir(cfg.train.output_dir)
         found = checkpoints(self.out_dir)
@@ -453,15 +496,26 @@ class Run:
             self.tensors, self.state = read_checkpoint(self.checkpoint)
             self.start_step = int(self.state["step"])
         self.cfg = cfg
-        if cfg.train.tensorboard and d.main:
+        self.tensorboard = bool(cfg.train.tensorboard) and d.main
+        if cfg.train.tensorboard is not False and d.main:
             try:
                 import torch.utils.tensorboard  # noqa: F401
             except ImportError:
-                raise InputError("train.tensorboard=true needs the tensorboard package: "
-                                 "pip install 'seed[train]' (or pip install tensorboard)") from None
+                if cfg.train.tensorboard:
+                    raise InputError("train.tensorboard=true needs the tensorboard package: ./install.sh installs it "
+                                     f"into .venv (or: {sys.executable} -m pip install tensorboard); or pass "
+                                     "train.tensorboard=false") from None
+                logger.info("tensorboard is not installed: no TensorBoard logs (metrics.jsonl has every step)")
+            else:
+                self.tensorboard = True
+        if not (cfg.train.progress and sys.stderr.isatty()):
+            quiet_library_bars()
         self.metrics = MetricsLog(self.out_dir / METRICS_FILE)
         self.writer = None
         self.bar = None
+        self._redirect = None
+        self._postfix: dict[str, str] = {}
+        self._t0, self._step0 = 0.0, 0
         self.total_steps = 0
         seed_everything(cfg.train.seed + d.rank)
 
@@ -489,12 +543,20 @@ class Run:
         if d.main:
             self.metrics.start(self.start_step)
             (self.out_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(self.cfg))
-            if self.cfg.train.tensorboard:
+            if self.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
-                        disable=not (d.main and self.cfg.train.progress))
+        # a bar only on a terminal: in a log file tqdm's carriage-return frames would interleave with
+        # the log lines, which are the progress there
+        bar = d.main and self.cfg.train.progress and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=self.start_step, unit="step", dynamic_ncols=True, disable=not bar)
+        if bar:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = logging_redirect_tqdm()  # log lines are printed above the bar
+            self._redirect.__enter__()
+        self._t0, self._step0 = time.perf_counter(), self.start_step
 
     def _any_rank(self, flag: bool) -> bool:
         """``flag`` OR-ed over the ranks (collective), so every rank stops together."""
@@ -523,22 +585,43 @@ class Run:
         return step % self.cfg.train.log_every == 0 or step == self.total_steps
 
     def log(self, row: Mapping[str, Any]) -> None:
-        """One step's metrics (``row["step"]`` required): metrics.jsonl, TensorBoard, the bar, and a
-        log line on `log_due` steps. Rank 0 writes; other ranks only do nothing."""
+        """One step's metrics (``row["step"]`` required): metrics.jsonl, TensorBoard (``train/KEY``;
+        a ``val_NAME`` key as ``val/NAME``), the bar, and a log line on `log_due` steps and on steps
+        with a ``val_`` value (numbers only; nested values such as per-source counts stay in
+        metrics.jsonl). Rank 0 writes; other ranks do nothing."""
         step = row["step"]
+        has_val = any(k.startswith("val_") for k in row)
         if self.dist.main:
             self.metrics.write(row)
             if self.writer is not None:
                 for k, v in row.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        self.writer.add_scalar(f"train/{k}", v, step)
-            if self.log_due(step):
-                logger.info("step %d/%d  %s", step, self.total_steps, "  ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "step"))
-        if self.bar is not None:
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        tag = f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"
+                        self.writer.add_scalar(tag, v, step)
+            if self.log_due(step) or has_val:
+                logger.info("%s", self.log_line(row))
+        if self.bar is not None and not self.bar.disable:
             self.bar.update(step - self.bar.n)
-            if "loss" in row and isinstance(row["loss"], float):
-                self.bar.set_postfix(loss=f"{row['loss']:.4g}")
+            self._postfix.update({k: f"{row[k]:.4g}" for k in ("loss", "val_loss") if isinstance(row.get(k), float)})
+            if self._postfix:  # the last val_loss stays shown until the next evaluation
+                self.bar.set_postfix(self._postfix)
+
+    def log_line(self, row: Mapping[str, Any]) -> str:
+        """``step 40/100 (40%)  loss 2.31  val_loss 2.45  lr 0.00015 ...  eta 0:01:12``: a row's numbers
+        (floats to 4 significant digits) and the time left at this run's pace."""
+        step = row["step"]
+        parts = [f"step {step}/{self.total_steps}" + (f" ({100 * step // self.total_steps}%)" if self.total_steps else "")]
+        order = ["loss", "val_loss"] + [k for k in row if k not in ("step", "loss", "val_loss")]
+        for k in order:
+            v = row.get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        done = step - self._step0
+        if done > 0 and self.total_steps > step:
+            left = (time.perf_counter() - self._t0) / done * (self.total_steps - step)
+            parts.append(f"eta {datetime.timedelta(seconds=round(left))}")
+        return "  ".join(parts)
 
     def save_due(self, step: int) -> bool:
         """True on the steps that get a checkpoint (every ``save_every`` and the last)."""
@@ -577,6 +660,9 @@ class Run:
         """Close the bar, metrics.jsonl and TensorBoard (also after an error)."""
         if self.bar is not None:
             self.bar.close()
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         self.metrics.close()
         if self.writer is not None:
             self.writer.close()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ...config import load_config
 from ...errors import InputError
-from ..config import RunSection
+from ..config import RunSection, check_eval
 from .data import LlmDataConfig
 from .model import DTYPES, LoraSettings
 
@@ -158,3 +158,4 @@ def check_llama_train_config(cfg: DictConfig, where: str = "config") -> None:
     for ok, key, why in checks:
         if not ok:
             raise InputError(f"{where}: bad value for '{key}' ({OmegaConf.select(cfg, key)!r}): {why}")
+    check_eval(cfg, where)

@@ -104,6 +104,11 @@ class LlmDataConfig:
     image_tokenizer: Optional[str] = None
     """For image paths in rows: anything `seed.Tokenizer.load` takes (a config name such as
     ``seed2_tokenizer`` or a YAML file, a ``save_pretrained`` folder, a Hub id); built on first use."""
+    val: Any = None
+    """A held-out set (`seed.training.llm.val.LlmValSet`): a path or a list of paths read like
+    ``train`` (format auto), or one source's settings ``{path, format, options, max_length,
+    batch_size, name}``; its loss is logged as ``val_loss`` every ``train.eval_every`` steps and at
+    the last step. null: none."""
 
 
 # --------------------------------------------------------------------------- reading files
@@ -542,7 +547,7 @@ class LlmData:
         self.sources = list(sources)
         self.encoder = SampleEncoder(tokenizer)
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
-        images = ImageCodes(image_tokenizer)
+        self.images = images = ImageCodes(image_tokenizer)
         self._streams = [_Stream(s, k, self.seed, shuffle, images) for k, s in enumerate(self.sources)]
         self._mux = random.Random(f"mux-{self.seed}")
         self.batches = 0

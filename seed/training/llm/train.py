@@ -45,6 +45,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from ...errors import CheckpointError, InputError
+from .. import card
 from ..run import Run, unwrap
 from . import model as M
 from . import optim as O
@@ -162,12 +163,27 @@ def build_data(cfg: DictConfig, tokenizer: Any, rank: int, world: int, state: di
     return data
 
 
+def build_val(cfg: DictConfig, tokenizer: Any, d, data: Any = None):
+    """The held-out set of ``data.val`` for this rank (`seed.training.llm.val.LlmValSet`), or None.
+    ``data``: the training data, whose image tokenizer it shares."""
+    if cfg.data.val is None:
+        return None
+    from .val import LlmValSet
+
+    if cfg.train.eval_every is None:
+        logger.info("data.val without train.eval_every: evaluated at the last step only")
+    return LlmValSet(cfg.data, tokenizer, seed=cfg.train.seed, rank=d.rank, world_size=d.world_size, device=d.device,
+                     images=getattr(data, "images", None))
+
+
 # --- the run -------------------------------------------------------------------------------------
 
-def train(cfg: DictConfig, resume: bool = False, overrides: list[str] | None = None) -> dict:
+def train(cfg: DictConfig, resume: bool = False, overrides: list[str] | None = None,
+          command: list[str] | None = None) -> dict:
     """Train per ``cfg`` (`seed.training.llm.config.LlamaTrainConfig`); returns ``step``,
-    ``output_dir``, ``export`` (or None) and the last step's metrics."""
-    run = Run(cfg, resume=resume, overrides=overrides, schema=LlamaTrainConfig)
+    ``output_dir``, ``export`` (or None) and the last step's metrics. ``command``: the script's
+    ``[script, *args]`` for the export's model card (None: ``sys.argv``)."""
+    run = Run(cfg, resume=resume, overrides=overrides, schema=LlamaTrainConfig, command=command)
     try:
         return _train(run)
     finally:
@@ -209,6 +225,7 @@ def _train(run: Run) -> dict:
     logger.info("model %s: %d trainable of %d parameters (%s)", cfg.model.base, counts["trainable"], counts["total"],
                 "LoRA" if cfg.model.lora is not None else "full fine-tuning")
     data = build_data(cfg, tokenizer, d.rank, d.world_size, run.state.get("data") if run.resumed else None)
+    val = build_val(cfg, tokenizer, d, data)
 
     def save(at: int) -> None:
         state = {"optimizer": _optimizer_state(net, optimizer, fsdp), "scheduler": scheduler.state_dict(),
@@ -259,6 +276,8 @@ def _train(run: Run) -> dict:
         last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": real,
                 "learned_tokens": tokens, "tokens_per_s": real / dt if dt > 0 else 0.0,
                 "padding": 1.0 - real / slots if slots else 0.0, "sources": dict(sources)}
+        if val is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
+            last["val_loss"] = val.evaluate(net if fsdp else unwrap(net), device=d.device, amp=amp)
         if run.save_due(step):
             last["data"] = data.counts()  # rows read, samples, dropped, bad rows, batches, passes per source
         run.log(last)
@@ -277,6 +296,8 @@ def _train(run: Run) -> dict:
         M.export(unwrap(net) if not fsdp else model, tokenizer, tmp, dtype=t.export_dtype or cfg.model.dtype,
                  in_place=True)
         _copy_sentencepiece(tokenizer, tmp)
+        card.write_card(tmp, card.llm_record(cfg, data, val, out_dir=run.out_dir, folder=tmp, step=step,
+                                             world_size=d.world_size, command=run.command))  # after image_tokenizer.json
         shutil.rmtree(export, ignore_errors=True)
         tmp.rename(export)
         logger.info("exported %s", export)

@@ -116,7 +116,8 @@ def test_pack_rows_first_fit_decreasing_and_the_packed_layout():
     assert b["attention_mask"].tolist() == [[1] * 8, [1] * 6 + [0, 0]]
     assert all(v.dtype == torch.int64 for v in b.values())
     wide = collate_packed(samples[1:], 16, pad_id=0)  # one row, longest first, padded to max_length
-    assert wide["input_ids"].shape == (1, 16) and wide["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1] + list(range(7))
+    assert wide["input_ids"].shape == (1, 16)
+    assert wide["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1] + list(range(7))
     assert collate_packed(samples[1:], 16, longest=True)["input_ids"].shape == (1, 9)
 
 
@@ -216,6 +217,22 @@ def test_packing_refuses_attention_that_crosses_samples(tok):
     bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
     with pytest.raises(InputError, match="BloomForCausalLM.*'sdpa'"):
         M.check_packing(bloom)
+
+
+def test_trainer_refuses_packing_for_a_model_that_cannot(tmp_path, caplog):
+    """train_llama.py with data.pack on a tiny BLOOM (ALiBi: its masks ignore position ids): exit 2,
+    the error names the implementation to use; the same model trains with data.pack=false."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from seed.llama import TINY_LLAMA_TOKENIZER
+
+    folder = tmp_path / "bloom"
+    BloomForCausalLM(BloomConfig(vocab_size=600, hidden_size=32, n_layer=1, n_head=4)).save_pretrained(folder)
+    args = [f"model.base={folder}", f"model.tokenizer={TINY_LLAMA_TOKENIZER}", "model.lora=null", "model.dtype=float32",
+            "train.max_steps=1", "train.progress=false", "train.export=false"]
+    assert _train(*args, "data.pack=true", f"train.output_dir={tmp_path / 'a'}") == 2
+    assert "data.pack" in caplog.text and "BloomForCausalLM" in caplog.text and "'sdpa'" in caplog.text
+    assert _train(*args, "data.pack=false", f"train.output_dir={tmp_path / 'b'}") == 0
 
 
 def test_packed_data_resumes_exactly(tmp_path, tok):

@@ -252,7 +252,8 @@ def check_packing(model: nn.Module, amp: torch.dtype | None = None) -> None:
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad(), torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        cast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with torch.enable_grad(), cast:
             x = model.get_input_embeddings()(batch["ids"]).detach().requires_grad_(True)
             logits = model(inputs_embeds=x, position_ids=batch["pos"], use_cache=False).logits
             (grad,) = torch.autograd.grad(logits[batch["second"]].float().sum(), x)

@@ -249,6 +249,13 @@ def test_packed_data_resumes_exactly(tmp_path, tok):
         b = next(resumed)
         assert b.keys() == full[k].keys() and all(torch.equal(b[n], full[k][n]) for n in b if n != "source"), k
     assert resumed.counts() == run.counts()
+    old = first.state_dict()  # a state saved before truncation was counted resumes, counting from 0
+    for src in old["sources"]:
+        del src["counts"]["truncated"]
+    again = LlmData(sources, tok, seed=3)
+    again.load_state_dict(old)
+    assert all(c["truncated"] == 0 for c in again.counts().values())
+    next(again)
 
 
 # --- the trainer ----------------------------------------------------------------------------------

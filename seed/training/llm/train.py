@@ -200,7 +200,7 @@ def _train(run: Run) -> dict:
     model.to(d.device)
     model.train()
     dc = cfg.data
-    if any([bool(dc.pack)] * bool(dc.train) + [bool(dc.pack if s.pack is None else s.pack) for s in dc.sources]):
+    if (dc.train and dc.pack) or any(dc.pack if s.pack is None else s.pack for s in dc.sources):
         M.check_packing(model, autocast_dtype(d.device, t.precision, cfg.model.dtype))  # before any wrapper
     flat = M.flat_packing(model)  # flash-attention: packed rows go in as one row
     net = _wrap(model, t.parallel, d) if d.world_size > 1 else model
@@ -278,7 +278,7 @@ def _train(run: Run) -> dict:
                 "padding": 1.0 - real / slots if slots else 0.0, "truncated": cut / seen if seen else 0.0,
                 "sources": dict(sources)}
         if run.save_due(step):
-            last["data"] = data.counts()  # rows read, samples, dropped, bad rows, batches, passes per source
+            last["data"] = data.counts()  # rows read, samples, dropped, bad rows, batches, passes, truncated
         run.log(last)
         if run.save_due(step):
             save(step)

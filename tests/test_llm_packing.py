@@ -235,6 +235,19 @@ def test_trainer_refuses_packing_for_a_model_that_cannot(tmp_path, caplog):
     assert _train(*args, "data.pack=false", f"train.output_dir={tmp_path / 'b'}") == 0
 
 
+def test_pack_is_global_or_per_source(tmp_path):
+    from seed.training.llm.data import LlmDataConfig, SourceConfig, sources_from_config
+
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    path = str(tmp_path / "a.jsonl")
+    cfg = LlmDataConfig(train=path, pack=True, sources=[SourceConfig(path=path, name="b"),
+                                                         SourceConfig(path=path, name="c", pack=False)])
+    assert [s.pack for s in sources_from_config(cfg)] == [True, True, False]
+    cfg.pack, cfg.sources[0].pack = False, True
+    assert [s.pack for s in sources_from_config(cfg)] == [False, True, False]
+    assert LlmDataConfig().pack is False and SourceConfig().pack is None  # off by default: the original's batches
+
+
 def test_packed_data_resumes_exactly(tmp_path, tok):
     sources = [_source(tmp_path, "pairs", True, batch_size=4), _source(tmp_path, "messages", False, batch_size=4)]
     run = LlmData(sources, tok, seed=3)

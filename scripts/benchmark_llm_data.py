@@ -10,7 +10,8 @@ and collating into padded tensors, in this process (torch limited to one thread)
 samples and tokens (real, non-pad) per second of this process's CPU time (per core, whatever else
 runs on the machine) and of wall time, the format + tokenize + collate part alone (rows already
 parsed), and the padding share of the batches (each batch is padded to ``--max-length``, as
-the original pads every micro-batch to its source's max length).
+the original pads every micro-batch to its source's max length; ``--pad-to longest`` and
+``--pack`` show the other settings).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pad-to", default="max_length", choices=("max_length", "longest"),
                     help="max_length: the original's padding; longest: to each batch's longest sequence")
+    ap.add_argument("--pack", action="store_true", help="pack whole samples into rows of up to --max-length (data.pack)")
     args = ap.parse_args()
 
     import torch
@@ -58,18 +60,18 @@ def main() -> None:
                 f.write(json.dumps({"codes": [rnd.randrange(8192) for _ in range(32)], "caption": caption}) + "\n")
 
         src = Source(name="pairs", files=[path], format="auto", batch_size=args.batch_size,
-                     max_length=args.max_length, cycle=1, options={"reverse_ratio": 0.5})
+                     max_length=args.max_length, cycle=1, options={"reverse_ratio": 0.5}, pack=args.pack)
         s0 = time.perf_counter()
         data = LlmData([src], tok, seed=args.seed, pad_to=args.pad_to)
         data.encoder.encode_parts(["warm-up: builds the tokenizer's split rules once"])
         setup = time.perf_counter() - s0
-        real = slots = samples = 0
+        real = slots = 0
         t0, c0 = time.perf_counter(), time.process_time()
         for batch in data:
-            samples += len(batch["source"])
             real += int(batch["attention_mask"].sum())
             slots += batch["attention_mask"].numel()
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
+        samples = data.counts()["pairs"]["samples"]
 
         # The format + tokenize + collate part alone, on rows already parsed.
         rows = [load() for _, load in read_file(path)]
@@ -87,7 +89,7 @@ def main() -> None:
 
     print(json.dumps({
         "tokenizer": args.tokenizer, "samples": samples, "batch_size": args.batch_size, "max_length": args.max_length,
-        "pad_to": args.pad_to,
+        "pad_to": args.pad_to, "pack": args.pack,
         "samples_per_cpu_s": round(samples / cpu), "tokens_per_cpu_s": round(real / cpu),
         "samples_per_wall_s": round(samples / total),
         "format_collate_samples_per_cpu_s": round(len(rows) / core),

@@ -276,7 +276,8 @@ def test_bad_rows_are_skipped_counted_and_logged(tmp_path, llama_tok, caplog):
     data = LlmData([src], llama_tok, seed=0, shuffle=False)
     with caplog.at_level("WARNING", logger="seed.training.llm.data"):
         assert len(list(data)) == 2
-    assert data.counts()["mixed"] == {"rows": 9, "samples": 2, "dropped": 1, "bad": 6, "batches": 2, "passes": 1}
+    assert data.counts()["mixed"] == {"rows": 9, "samples": 2, "dropped": 1, "bad": 6, "batches": 2, "passes": 1,
+                                       "truncated": 0}
     text = caplog.text
     for why in ("not a JSON line", "31 codes", "codes must be in [0, 8192)", "cannot tell the kind", "must be a JSON object",
                 "nested too deeply"):

@@ -9,6 +9,7 @@ The ``data:`` section of a SEED-LLaMA training config (`LlmDataConfig`; unknown 
       max_length: 200        # every sequence is cut or right-padded to this (a source may override)
       shuffle: true          # shuffle file order and the rows inside each file, per pass
       pad_to: max_length     # or longest: pad each batch to its longest sequence (same loss)
+      pack: false            # pack whole samples into rows of up to max_length tokens (same loss)
       image_tokenizer: null  # seed.Tokenizer.load spec (config name/YAML, folder, Hub id): image
                              # PATHS in rows become codes
       sources:               # the mixture (the original's recipes, spec section 5)
@@ -19,6 +20,7 @@ The ``data:`` section of a SEED-LLaMA training config (`LlmDataConfig`; unknown 
           batch_size: null   # global micro-batch of this source (null: data.batch_size)
           max_length: 140    # null: data.max_length
           cycle: null        # passes over the files before the source runs out (null: forever)
+          pack: null         # null: data.pack
           options: {reverse_ratio: 0.5}   # keyword arguments of the formatter
 
 What a source's files may hold (one sample per row; see ``docs/llm_training_data.md``):
@@ -34,11 +36,13 @@ What a source's files may hold (one sample per row; see ``docs/llm_training_data
   a restricted unpickler (`load_plain_pickle`) that refuses anything else.
 
 Batches (`LlmData`): as the original, each micro-batch comes whole from ONE source, picked by a
-seeded weighted draw, and holds ``batch_size`` samples padded to that source's ``max_length``. The
+seeded weighted draw, and holds ``batch_size`` samples padded to that source's ``max_length``
+(or, with ``pack``, packed whole into rows of up to ``max_length`` tokens). The
 stream of global micro-batches depends only on the seed and the data: rank ``r`` of ``W`` takes
 the ``r``-th contiguous share of every global batch, so 2 ranks x B equals 1 rank x 2B. Bad rows
 are skipped, counted and logged; samples the original drops (blank captions, malformed documents)
-are counted as dropped. `LlmData.state_dict` (JSON-able) resumes the stream exactly.
+are counted as dropped; samples cut by ``max_length`` are counted as truncated.
+`LlmData.state_dict` (JSON-able) resumes the stream exactly.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...errors import InputError
-from .format import FORMATTERS, OptionError, Plan, RandomDraws, SampleEncoder, collate
+from .format import FORMATTERS, OptionError, Plan, RandomDraws, SampleEncoder, collate, collate_packed
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +87,8 @@ class SourceConfig:
     """Passes over the files; null: forever."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the formatter (``reverse_ratio``, ``max_images``, ``caption_prompt``...)."""
+    pack: Optional[bool] = None
+    """Pack this source's samples into rows (see `LlmDataConfig.pack`); null: ``data.pack``."""
 
 
 @dataclass
@@ -104,6 +110,11 @@ class LlmDataConfig:
     image_tokenizer: Optional[str] = None
     """For image paths in rows: anything `seed.Tokenizer.load` takes (a config name such as
     ``seed2_tokenizer`` or a YAML file, a ``save_pretrained`` folder, a Hub id); built on first use."""
+    pack: bool = False
+    """Pack each rank's share of a micro-batch whole into rows of up to ``max_length`` tokens,
+    position ids restarting at 0 for each sample, attention kept within samples (the same samples,
+    loss and gradients as unpacked, without most of the padding); rows padded per ``pad_to``.
+    False: one sample per row (the original). A source's own ``pack`` overrides it."""
     val: Any = None
     """A held-out set (`seed.training.llm.val.LlmValSet`): a path or a list of paths read like
     ``train`` (format auto), or one source's settings ``{path, format, options, max_length,
@@ -361,6 +372,7 @@ class Source:
     max_length: int = 200
     cycle: Optional[int] = None
     options: dict[str, Any] = field(default_factory=dict)
+    pack: bool = False
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATTERS:
@@ -379,7 +391,7 @@ def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> 
     entries = [dict(path=get(cfg, "train"), name="train", key="data.train")] if get(cfg, "train") else []
     for k, s in enumerate(get(cfg, "sources") or []):
         entries.append({"key": f"data.sources[{k}]", **{f: get(s, f) for f in (
-            "path", "name", "format", "weight", "batch_size", "max_length", "cycle", "options")}})
+            "path", "name", "format", "weight", "batch_size", "max_length", "cycle", "options", "pack")}})
     if not entries:
         raise InputError("data: give data.train or data.sources")
     out = []
@@ -399,7 +411,8 @@ def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> 
                           weight=float(e.get("weight") or 1.0),
                           batch_size=int(e.get("batch_size") or get(cfg, "batch_size", 8)),
                           max_length=int(e.get("max_length") or get(cfg, "max_length", 200)),
-                          cycle=e.get("cycle"), options=dict(opts)))
+                          cycle=e.get("cycle"), options=dict(opts),
+                          pack=bool(get(cfg, "pack", False) if e.get("pack") is None else e["pack"])))
     names = [s.name for s in out]
     if len(set(names)) != len(names):
         raise InputError(f"data: source names must differ, got {names}")
@@ -419,7 +432,7 @@ class _Stream:
         self.draws = RandomDraws(seed + index)
         self.pass_, self.file, self.row = 0, 0, 0
         self.exhausted = False
-        self.counts = {"rows": 0, "samples": 0, "dropped": 0, "bad": 0, "batches": 0, "passes": 0}
+        self.counts = {"rows": 0, "samples": 0, "dropped": 0, "bad": 0, "batches": 0, "passes": 0, "truncated": 0}
         self._plans_this_pass = 0
         self._rows: list | None = None
 
@@ -507,7 +520,7 @@ class _Stream:
         self.pass_, self.file, self.row = int(state["pass"]), int(state["file"]), int(state["row"])
         self._plans_this_pass, self.exhausted = int(state["plans_this_pass"]), bool(state["exhausted"])
         self.draws.load_state_dict(state["draws"])
-        self.counts = dict(state["counts"])
+        self.counts = {**dict.fromkeys(self.counts, 0), **state["counts"]}  # older states lack "truncated"
         self._rows = None
 
 
@@ -515,7 +528,11 @@ class LlmData:
     """The training batches of one rank: an iterator of dicts ``input_ids``, ``attention_mask``,
     ``labels`` (int64 [B, L]: B = this rank's share of the source's global ``batch_size``, L = the
     source's ``max_length``, or with ``pad_to="longest"`` the longest sequence of this batch) and
-    ``source`` (list of B names).
+    ``source`` (list of B names). A source with ``pack`` gives rows instead of samples: this rank's
+    share packed whole into R <= B rows of at most ``max_length`` tokens (`collate_packed`: each
+    sample's ``position_ids`` restart at 0, its first label is -100; ``attention_mask`` 0 on the
+    padding at a row's end), plus ``position_ids`` (int64 [R, L]); ``source`` then has R names.
+    Packing changes neither which samples a micro-batch holds nor which rank holds them.
 
     Each global micro-batch comes whole from one source, picked by a seeded draw weighted by the
     sources' weights (a source that has run out of its ``cycle`` passes leaves the draw; the
@@ -524,6 +541,10 @@ class LlmData:
     divide by ``world_size``), so the samples do not depend on the number of ranks. A source's last,
     short batch is split the same way, or dropped if it has fewer samples than ranks. Every rank
     reads and formats every row (the draws and the drops stay in step) but tokenizes only its share.
+    A sample longer than its source's ``max_length`` is cut there (the original's truncation) and
+    counted as ``truncated``; ``all_sum`` (a function that sums an int over the ranks; every rank
+    calls it once per batch, in step) makes that count global: without it, with several ranks,
+    ``truncated`` counts this rank's share only.
 
     ``tokenizer``: the LM's HF tokenizer with the image tokens (`seed.llm.add_image_tokens`).
     ``image_tokenizer``: for image paths in rows (see `ImageCodes`). `state_dict` /
@@ -532,7 +553,8 @@ class LlmData:
     """
 
     def __init__(self, sources: Sequence[Source], tokenizer: Any, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, pad_to: str = "max_length", image_tokenizer: Any = None):
+                 world_size: int = 1, shuffle: bool = True, pad_to: str = "max_length", image_tokenizer: Any = None,
+                 all_sum: Callable[[int], int] | None = None):
         if not sources:
             raise InputError("LlmData needs at least one source")
         if not 0 <= rank < world_size:
@@ -551,15 +573,17 @@ class LlmData:
         self._streams = [_Stream(s, k, self.seed, shuffle, images) for k, s in enumerate(self.sources)]
         self._mux = random.Random(f"mux-{self.seed}")
         self.batches = 0
+        self._all_sum = all_sum
 
     @classmethod
     def from_config(cls, cfg: Any, tokenizer: Any, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                    base_dir: str | os.PathLike | None = None, image_tokenizer: Any = None) -> LlmData:
+                    base_dir: str | os.PathLike | None = None, image_tokenizer: Any = None,
+                    all_sum: Callable[[int], int] | None = None) -> LlmData:
         """From an `LlmDataConfig` (``data:`` section); relative paths from ``base_dir``."""
         get = (lambda k: cfg.get(k)) if hasattr(cfg, "get") else (lambda k: getattr(cfg, k))
         return cls(sources_from_config(cfg, base_dir), tokenizer, seed=seed, rank=rank, world_size=world_size,
                    shuffle=bool(get("shuffle")), pad_to=get("pad_to") or "max_length",
-                   image_tokenizer=image_tokenizer or get("image_tokenizer"))
+                   image_tokenizer=image_tokenizer or get("image_tokenizer"), all_sum=all_sum)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -592,16 +616,27 @@ class LlmData:
             n, w, r = len(plans), self.world_size, self.rank
             mine = plans[r * n // w:(r + 1) * n // w]
             L = st.src.max_length
-            samples = [self.encoder.encode(p, L) for p in mine]
-            if self.pad_to == "longest":
-                L = max(len(x) for x, _ in samples)
-            batch = collate(samples, L, self.encoder.pad)
-            batch["source"] = [st.src.name] * len(mine)
+            samples, cut = [], 0
+            for p in mine:
+                ids, labels = self.encoder.encode_whole(p)
+                if len(ids) > L:
+                    ids, labels = ids[:L], labels[:L]
+                    cut += 1
+                samples.append((ids, labels))
+            st.counts["truncated"] += self._all_sum(cut) if self._all_sum is not None else cut
+            if st.src.pack:
+                batch = collate_packed(samples, L, self.encoder.pad, longest=self.pad_to == "longest")
+            else:
+                if self.pad_to == "longest":
+                    L = max(len(x) for x, _ in samples)
+                batch = collate(samples, L, self.encoder.pad)
+            batch["source"] = [st.src.name] * len(batch["input_ids"])
             return batch
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per source: ``rows`` read, ``samples`` batched, ``dropped`` (as the original), ``bad`` rows
-        skipped, ``batches``, completed ``passes`` (global: the same on every rank)."""
+        skipped, ``batches``, completed ``passes`` (global: the same on every rank), ``truncated``:
+        samples cut by ``max_length`` (global with ``all_sum``, else this rank's)."""
         return {st.src.name: dict(st.counts) for st in self._streams}
 
     def state_dict(self) -> dict:

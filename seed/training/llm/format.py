@@ -4,7 +4,8 @@ One function per sample kind (`FORMATTERS`) turns a row (the original's pickle p
 our JSONL layouts) into a `Plan`: the strings and image spans the original tokenizes, each marked
 learned or not. `SampleEncoder.encode` then tokenizes a plan with `seed.llm.encode_text` (the ONE
 implementation of the original stack's tokenization) and applies the original's truncation and
-labels; `collate` right-pads a list of them into tensors.
+labels; `collate` right-pads a list of them into tensors, `collate_packed` packs them whole
+into rows (position ids restarting at 0 for each sample).
 
 Random choices are made by a `Draws` (Python's ``random`` for indices and choices, numpy's legacy
 generator for uniforms, drawn in the original's order, so a `RandomDraws` seeded like the
@@ -660,8 +661,14 @@ class SampleEncoder:
 
     def encode(self, plan: Plan, max_length: int) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)`` of a plan, cut to ``max_length`` (not padded)."""
+        ids, labels = self.encode_whole(plan)
+        return ids[:max_length], labels[:max_length]
+
+    def encode_whole(self, plan: Plan) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of a plan, not cut: `encode` keeps their first ``max_length``
+        (a sample longer than that is truncated)."""
         if plan.one_string:
-            ids = [self.bos, *self.encode_parts(plan.segments[0][0]), self.eos][:max_length]
+            ids = [self.bos, *self.encode_parts(plan.segments[0][0]), self.eos]
             pad = self.pad
             return ids, ([-100 if t == pad else t for t in ids] if pad in ids else ids[:])
         ids, labels = [self.bos], [-100]
@@ -671,7 +678,7 @@ class SampleEncoder:
             labels += seg if learned else [-100] * len(seg)
         ids.append(self.eos)
         labels.append(self.eos)
-        return ids[:max_length], labels[:max_length]
+        return ids, labels
 
 
 def collate(samples: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, pad_id: int = 0) -> dict[str, Any]:
@@ -690,3 +697,62 @@ def collate(samples: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: 
     mask = real.astype(np.int64)
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
             "labels": torch.from_numpy(labels)}
+
+
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Indices of samples of ``lengths`` (each <= ``max_length``) grouped into rows of at most
+    ``max_length`` tokens: first-fit decreasing (longest first, each into the first row with room;
+    ties in input order), deterministic. Every sample lands whole in exactly one row."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"sample {i} has {n} tokens, more than max_length {max_length}")
+        for r, f in enumerate(free):
+            if f >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(max_length - n)
+    return rows
+
+
+def collate_packed(samples: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int, pad_id: int = 0,
+                   longest: bool = False) -> dict[str, Any]:
+    """``(ids, labels)`` pairs (each at most ``max_length`` long) packed whole into rows (`pack_rows`)
+    -> ``input_ids``, ``attention_mask``, ``labels``, ``position_ids``: int64 tensors [R, L], L =
+    ``max_length`` (``longest``: the longest row's tokens).
+
+    In a row the samples follow each other; ``position_ids`` restart at 0 for every sample (the
+    row's padding at the end counts from 0 again, as one more segment), which is how transformers
+    tells packed samples apart (their attention never crosses a boundary). The first label of every
+    sample is -100: the shifted loss never predicts a sample's first token from the previous one
+    (unpacked, that token is never a target either), so the learned tokens are those of the
+    unpacked batch. ``attention_mask`` is 1 on samples' tokens, 0 on the padding."""
+    import torch
+
+    lengths = [len(x) for x, _ in samples]
+    rows = pack_rows(lengths, max_length)
+    width = max(sum(lengths[i] for i in row) for row in rows) if longest else max_length
+    n = len(rows)
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    labels = np.full((n, width), -100, dtype=np.int64)
+    positions = np.zeros((n, width), dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            x, y = samples[i]
+            k = len(x)
+            ids[r, at:at + k] = x
+            labels[r, at:at + k] = y
+            labels[r, at] = -100
+            positions[r, at:at + k] = np.arange(k)
+            at += k
+        mask[r, :at] = 1
+        positions[r, at:] = np.arange(width - at)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(labels), "position_ids": torch.from_numpy(positions)}

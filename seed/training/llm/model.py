@@ -213,6 +213,62 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> 
     return model(input_ids=input_ids, labels=labels, use_cache=False).loss
 
 
+def attn_implementation(model: nn.Module) -> str:
+    """The attention implementation of ``model``'s config (``sdpa``, ``eager``, ``flash_attention_2``...)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def flat_packing(model: nn.Module) -> bool:
+    """Whether packed rows must go to ``model`` as ONE row ([1, R x L], `flatten_rows`):
+    flash-attention separates packed samples by their position ids only in a batch of one row."""
+    return "flash" in attn_implementation(model)
+
+
+def flatten_rows(batch: dict) -> dict:
+    """A packed batch's tensors [R, L] -> [1, R x L] (the same samples and labels: every row starts
+    with a sample whose first label is -100, so the shifted loss does not cross rows)."""
+    return {k: v.reshape(1, -1) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def check_packing(model: nn.Module, amp: torch.dtype | None = None) -> None:
+    """Refuse (`InputError`) a model whose attention lets packed samples see each other.
+
+    A probe of two rows, each two 4-token samples with position ids [0..3, 0..3] (flattened to one
+    row for flash-attention, as the trainer does), in eval mode (no dropout, no random draws) under
+    ``amp`` autocast: the gradient of every second sample's logits with respect to its row's first
+    sample's input embeddings must be exactly zero. Masked attention weights are exactly 0, so a
+    model that keeps samples apart passes whatever its dtype; one whose mask ignores the position
+    ids (an attention implementation outside transformers' mask functions, an architecture whose
+    masks do not follow position ids) fails. No parameter gradient is accumulated."""
+    import contextlib
+
+    device = next(model.parameters()).device
+    ids = (torch.arange(16, device=device).reshape(2, 8) * 7 + 3) % int(model.config.vocab_size)
+    pos = torch.arange(4, device=device).repeat(2, 2)
+    second = torch.arange(8, device=device).repeat(2, 1) >= 4  # the second sample of each row
+    batch = {"ids": ids, "pos": pos, "second": second}
+    if flat_packing(model):
+        batch = flatten_rows(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        cast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with torch.enable_grad(), cast:
+            x = model.get_input_embeddings()(batch["ids"]).detach().requires_grad_(True)
+            logits = model(inputs_embeds=x, position_ids=batch["pos"], use_cache=False).logits
+            (grad,) = torch.autograd.grad(logits[batch["second"]].float().sum(), x)
+    finally:
+        model.train(was_training)
+    second = batch["second"]
+    if grad[~second].abs().max().item() != 0 or grad[second].abs().max().item() == 0:
+        impl = attn_implementation(model)
+        name = type(model.get_base_model() if is_peft(model) else model).__name__
+        raise InputError(f"data.pack: this model's attention ({name}, attn_implementation {impl!r}) "
+                         "lets packed samples attend to each other; use attn_implementation 'sdpa' or 'eager' "
+                         "(or 'flash_attention_2' on GPUs) with a model whose attention masks follow position ids "
+                         "(LLaMA, Mistral, Qwen2, GPT-2...), or set data.pack=false (and data.pad_to=longest)")
+
+
 def merge(model: nn.Module) -> PreTrainedModel:
     """A plain HF model: LoRA merged (``W + alpha/r * B A``), peft's trained copies in place of the
     originals (``merge_and_unload``); a model without LoRA is returned as it is."""

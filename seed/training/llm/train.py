@@ -18,8 +18,9 @@ one process):
    2 processes x B), divided by ``grad_accum``; clip; step; schedule. A non-finite loss stops the
    run before the update (exit status 3), keeping the last good checkpoint.
 6. ``OUT/metrics.jsonl`` per step (``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``,
-   ``padding``, ``sources``; on checkpoint steps ``data``: the per-source counts of rows, samples,
-   dropped and bad rows); checkpoints ``OUT/checkpoints/step_XXXXXXXX/`` (trainable tensors by
+   ``padding``, ``truncated`` (share of the step's samples cut by ``max_length``), ``sources``; on
+   checkpoint steps ``data``: the per-source counts of rows, samples, dropped, bad rows and
+   truncated samples); checkpoints ``OUT/checkpoints/step_XXXXXXXX/`` (trainable tensors by
    name + optimizer, scheduler, data position, every rank's RNG states); at the end ``OUT/export/``
    (`seed.training.llm.model.export`).
 
@@ -135,11 +136,12 @@ def micro_step(model: torch.nn.Module, batch: dict, *, world: int, scale: float,
     without a learned token contributes nothing (the original's token mean would be NaN)."""
     ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
+    packed = {"position_ids": batch["position_ids"].to(device, non_blocking=True)} if "position_ids" in batch else {}
     n_local = (labels[:, 1:] != -100).sum()
     n_global = _all_sum(n_local.detach().to(torch.float64), world)
     count = int(n_global.item())
     with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-        out = model(input_ids=ids, labels=labels, use_cache=False,
+        out = model(input_ids=ids, labels=labels, use_cache=False, **packed,
                     num_items_in_batch=torch.tensor(float(max(count, 1)), device=device))
     loss = out.loss * world * scale
     (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -153,11 +155,17 @@ def _trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # --- data ----------------------------------------------------------------------------------------
 
-def build_data(cfg: DictConfig, tokenizer: Any, rank: int, world: int, state: dict | None):
-    """`seed.training.llm.data.LlmData` over ``cfg.data`` for this rank, at ``state`` (None: the start)."""
+def build_data(cfg: DictConfig, tokenizer: Any, rank: int, world: int, state: dict | None,
+               device: torch.device | None = None):
+    """`seed.training.llm.data.LlmData` over ``cfg.data`` for this rank, at ``state`` (None: the
+    start); with several ranks its truncation counts are summed over them (on ``device``)."""
     from .data import LlmData
 
-    data = LlmData.from_config(cfg.data, tokenizer, seed=cfg.train.seed, rank=rank, world_size=world)
+    def all_sum(n: int) -> int:
+        return int(_all_sum(torch.tensor(float(n), dtype=torch.float64, device=device), world).item())
+
+    data = LlmData.from_config(cfg.data, tokenizer, seed=cfg.train.seed, rank=rank, world_size=world,
+                               all_sum=all_sum if world > 1 else None)
     if state is not None:
         data.load_state_dict(state)
     return data
@@ -207,6 +215,10 @@ def _train(run: Run) -> dict:
         load_trainable(model, run.tensors, str(run.checkpoint))
     model.to(d.device)
     model.train()
+    dc = cfg.data
+    if (dc.train and dc.pack) or any(dc.pack if s.pack is None else s.pack for s in dc.sources):
+        M.check_packing(model, autocast_dtype(d.device, t.precision, cfg.model.dtype))  # before any wrapper
+    flat = M.flat_packing(model)  # flash-attention: packed rows go in as one row
     net = _wrap(model, t.parallel, d) if d.world_size > 1 else model
     fsdp = t.parallel == "fsdp" and d.world_size > 1
     named = M.trainable_named_parameters(net if fsdp else model)
@@ -224,7 +236,7 @@ def _train(run: Run) -> dict:
     counts = M.count_parameters(model)
     logger.info("model %s: %d trainable of %d parameters (%s)", cfg.model.base, counts["trainable"], counts["total"],
                 "LoRA" if cfg.model.lora is not None else "full fine-tuning")
-    data = build_data(cfg, tokenizer, d.rank, d.world_size, run.state.get("data") if run.resumed else None)
+    data = build_data(cfg, tokenizer, d.rank, d.world_size, run.state.get("data") if run.resumed else None, d.device)
     val = build_val(cfg, tokenizer, d, data)
 
     def save(at: int) -> None:
@@ -241,10 +253,13 @@ def _train(run: Run) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         losses, tokens, real, slots, sources = [], 0, 0, 0, Counter()
+        before = data.counts()
         for micro in range(t.grad_accum):
             batch = next(data, None)
             if batch is None:
                 break
+            if flat and "position_ids" in batch:
+                batch = M.flatten_rows(batch)
             sync = micro == t.grad_accum - 1 or not hasattr(net, "no_sync")
             with contextlib.nullcontext() if sync else net.no_sync():
                 loss, n = micro_step(net, batch, world=d.world_size, scale=1.0 / t.grad_accum, device=d.device,
@@ -273,13 +288,16 @@ def _train(run: Run) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
+        after = data.counts()
+        cut, seen = (sum(after[k][c] - before[k][c] for k in after) for c in ("truncated", "samples"))
         last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": real,
                 "learned_tokens": tokens, "tokens_per_s": real / dt if dt > 0 else 0.0,
-                "padding": 1.0 - real / slots if slots else 0.0, "sources": dict(sources)}
+                "padding": 1.0 - real / slots if slots else 0.0, "truncated": cut / seen if seen else 0.0,
+                "sources": dict(sources)}
         if val is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
             last["val_loss"] = val.evaluate(net if fsdp else unwrap(net), device=d.device, amp=amp)
         if run.save_due(step):
-            last["data"] = data.counts()  # rows read, samples, dropped, bad rows, batches, passes per source
+            last["data"] = data.counts()  # rows read, samples, dropped, bad rows, batches, passes, truncated
         run.log(last)
         if run.save_due(step):
             save(step)

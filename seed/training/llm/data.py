@@ -104,6 +104,11 @@ class LlmDataConfig:
     image_tokenizer: Optional[str] = None
     """For image paths in rows: anything `seed.Tokenizer.load` takes (a config name such as
     ``seed2_tokenizer`` or a YAML file, a ``save_pretrained`` folder, a Hub id); built on first use."""
+    image_codes: str = "seed2"
+    """Which codes the LLM learns: seed2 (SEED-LLaMA) or seed1 (SEED-1 codes on purpose, as SEED-1's
+    SEED-OPT); codes of the other variant are refused (`seed.provenance.training_record`)."""
+    allow_unfinished: bool = False
+    """Train on an unfinished ``scripts/tokenize_dataset.py`` folder's rows (else refused); recorded."""
 
 
 # --------------------------------------------------------------------------- reading files
@@ -203,6 +208,10 @@ def _json(line: bytes, where: str) -> Any:
 # --------------------------------------------------------------------------- rows -> (kind, payload)
 
 
+class NoImageTokenizer(InputError):
+    """A row holds an image path and the run has no image tokenizer: stops the run (not a bad row)."""
+
+
 class ImageCodes:
     """Image paths -> codes with a `seed.Tokenizer`, each path encoded once (cached).
 
@@ -218,7 +227,9 @@ class ImageCodes:
         if path not in self._cache:
             tok = self._tokenizer
             if tok is None:
-                raise InputError(f"image {path!r}: image paths in rows need an image tokenizer (data.image_tokenizer)")
+                raise NoImageTokenizer(f"image {path!r}: image paths in rows need an image tokenizer: set "
+                                       "data.image_tokenizer (e.g. seed2_tokenizer, or the config / folder your "
+                                       "other codes came from)")
             if isinstance(tok, (str, os.PathLike)):
                 from ...tokenizer import Tokenizer
 
@@ -462,6 +473,8 @@ class _Stream:
                 plan = FORMATTERS[kind](payload, self.draws, **self.formatter_options)
             except OptionError as e:
                 raise InputError(f"source {self.src.name!r}: bad options {self.formatter_options}: {e}") from None
+            except NoImageTokenizer as e:
+                raise InputError(f"source {self.src.name!r}, {where}: {e}") from None
             except InputError as e:
                 self._bad(where, e)
                 continue

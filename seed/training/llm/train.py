@@ -152,11 +152,14 @@ def _trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # --- data ----------------------------------------------------------------------------------------
 
-def build_data(cfg: DictConfig, tokenizer: Any, rank: int, world: int, state: dict | None):
-    """`seed.training.llm.data.LlmData` over ``cfg.data`` for this rank, at ``state`` (None: the start)."""
+def build_data(cfg: DictConfig, tokenizer: Any, rank: int, world: int, state: dict | None,
+               image_tokenizer: Any = None):
+    """`seed.training.llm.data.LlmData` over ``cfg.data`` for this rank, at ``state`` (None: the start);
+    ``image_tokenizer``: for image paths in rows (default ``data.image_tokenizer``)."""
     from .data import LlmData
 
-    data = LlmData.from_config(cfg.data, tokenizer, seed=cfg.train.seed, rank=rank, world_size=world)
+    data = LlmData.from_config(cfg.data, tokenizer, seed=cfg.train.seed, rank=rank, world_size=world,
+                               image_tokenizer=image_tokenizer)
     if state is not None:
         data.load_state_dict(state)
     return data
@@ -185,6 +188,10 @@ def _train(run: Run) -> dict:
                        "original's cosine rises again", t.max_steps, schedule)
     if cfg.data.train is None and not cfg.data.sources:
         raise InputError("no training data: pass data.train=FILE_OR_FOLDER or list data.sources")
+    from ...provenance import training_record
+
+    # whose codes these are: checked (and image paths' tokenizer found) before the model is built
+    codes_record = training_record(cfg.data, cfg.model.base)
     tokenizer = load_tokenizer(cfg.model)
     model = build(cfg, tokenizer)
     if run.resumed:
@@ -208,7 +215,8 @@ def _train(run: Run) -> dict:
     counts = M.count_parameters(model)
     logger.info("model %s: %d trainable of %d parameters (%s)", cfg.model.base, counts["trainable"], counts["total"],
                 "LoRA" if cfg.model.lora is not None else "full fine-tuning")
-    data = build_data(cfg, tokenizer, d.rank, d.world_size, run.state.get("data") if run.resumed else None)
+    data = build_data(cfg, tokenizer, d.rank, d.world_size, run.state.get("data") if run.resumed else None,
+                      image_tokenizer=codes_record["image_tokenizer"])
 
     def save(at: int) -> None:
         state = {"optimizer": _optimizer_state(net, optimizer, fsdp), "scheduler": scheduler.state_dict(),
@@ -277,11 +285,23 @@ def _train(run: Run) -> dict:
         M.export(unwrap(net) if not fsdp else model, tokenizer, tmp, dtype=t.export_dtype or cfg.model.dtype,
                  in_place=True)
         _copy_sentencepiece(tokenizer, tmp)
+        _write_codes_record(tmp, codes_record)
         shutil.rmtree(export, ignore_errors=True)
         tmp.rename(export)
         logger.info("exported %s", export)
     d.barrier()
     return {"step": step, "output_dir": str(run.out_dir), "export": str(export) if export else None, **last}
+
+
+def _write_codes_record(out: Path, record: dict) -> None:
+    """``out/image_tokenizer.json`` (+ ``out/image_tokenizer/``, a copy of a trained tokenizer folder):
+    which image tokenizer the exported LLM's codes belong to (`seed.provenance`)."""
+    from ...provenance import write_export_record
+
+    keep = {k: v for k, v in record.items() if k != "image_tokenizer"}
+    write_export_record(out, keep, copy_from=record.get("folder"))
+    logger.info("export's image tokenizer: %s", record.get("spec") or "unknown (no codes named one: pass "
+                "data.image_tokenizer to record it)")
 
 
 def _copy_sentencepiece(tokenizer: Any, out: Path) -> None:

@@ -224,8 +224,9 @@ def load_llama(args):
                                      **({"template": args.template} if args.template else {}))
     return pipe, {"llm": str(args.llm), "llm_files": files_fingerprint(_local(args.llm)), "tokenizer": args.tokenizer,
                   "dtype": args.dtype, "load_in_8bit": args.load_in_8bit, "vocab": len(pipe.tokenizer),
-                  "image_tokenizer": str(args.image_tokenizer),
-                  "image_tokenizer_files": files_fingerprint(_local(args.image_tokenizer or "seed2_tokenizer"))}
+                  "image_tokenizer": str(args.image_tokenizer),  # None: the export's record, or seed2_tokenizer
+                  "image_tokenizer_files": files_fingerprint(_local(str(
+                      args.image_tokenizer or pipe.image_tokenizer_spec or "seed2_tokenizer")))}
 
 
 def _local(spec: str) -> Path:

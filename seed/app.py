@@ -664,8 +664,27 @@ def demo_from_args(args: argparse.Namespace) -> Demo:
     from .config import load_config, resolve_path
 
     llm = None if str(args.llm).lower() == "none" else args.llm
-    config = args.config or ("seed2_tiny" if llm == TINY else "seed2_tokenizer")
+    record = None
+    if llm is not None and llm != TINY and resolve_path(llm).is_dir():  # an LLM export names its image tokenizer
+        from .provenance import export_image_tokenizer, read_export_record
+
+        record = read_export_record(resolve_path(llm))
+        if record is not None:
+            if args.config is not None and args.overrides:
+                raise InputError(f"--llm {llm} records its image tokenizer (image_tokenizer.json): key=value overrides "
+                                 "would make another one; drop them")
+            if args.config is not None:
+                export_image_tokenizer(llm, record, args.config)  # another one is refused, naming both
+            elif record.get("spec") is None:
+                from .provenance import no_tokenizer_message
+
+                raise InputError(no_tokenizer_message(llm, record).replace("image_tokenizer= (scripts: "
+                                                                           "--image-tokenizer)", "--image-tokenizer"))
+    config = args.config or (record or {}).get("spec") or ("seed2_tiny" if llm == TINY else "seed2_tokenizer")
     image_tokenizer: Any = config  # a saved folder loads on first use; a config is checked now
+    if record is not None and record.get("variant") == "seed1":
+        raise InputError(f"--llm {llm} learned SEED-1 codes (its image_tokenizer.json); the web demo chats in SEED-2 "
+                         "codes only: use scripts/seed_llama.py or seed.SeedLlama")
     if resolve_path(config).is_dir():
         if args.overrides:  # as seed.Tokenizer.load
             raise InputError(f"key=value overrides apply to a config name or YAML file, not to the saved tokenizer "

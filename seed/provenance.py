@@ -212,11 +212,12 @@ def describe(record: Mapping | None) -> str:
     return f"the {record.get('variant') or '?'} image tokenizer {spec or '(unnamed: no spec recorded)'}"
 
 
-def check_same(a: Mapping, b: Mapping, where_a: str, where_b: str, hint: str = "") -> None:
+def check_same(a: Mapping, b: Mapping, where_a: str, where_b: str, hint: str = "",
+               verb: str = "holds codes of") -> None:
     """`InputError` naming both sides when ``a`` and ``b`` are different tokenizers (`differences`)."""
     diff = differences(a, b)
     if diff:
-        raise InputError(f"{where_a} holds codes of {describe(a)}, but {where_b} is {describe(b)} "
+        raise InputError(f"{where_a} {verb} {describe(a)}, but {where_b} is {describe(b)} "
                          f"({'; '.join(diff)}): their codes mean different things. "
                          + (hint or "Use codes of one image tokenizer, or tokenize the images again with it."))
 
@@ -333,7 +334,7 @@ def export_image_tokenizer(export: str | os.PathLike, record: Mapping, given: An
     mine = record_for(given, where="image_tokenizer")
     check_same(record, mine, f"the LLM export {export} (its {RECORD_NAME})", f"image_tokenizer={given!r}" if
                isinstance(given, (str, os.PathLike)) else "the image_tokenizer passed",
-               hint=f"Leave image_tokenizer unset (scripts: no --image-tokenizer) to use the export's own, "
+               verb="was trained on codes of", hint=f"Leave image_tokenizer unset (scripts: no --image-tokenizer) to use the export's own, "
                     f"{record.get('shown') or record.get('spec') or 'named in its record'}.")
     return given
 

@@ -244,15 +244,15 @@ def test_sft_caption_gives_both_directions(codes_a):
         assert any(caption.rstrip("!.") in t for t in seen["answer"] + seen["generate"])
 
 
-def test_seed_llama_script_uses_the_exports_tokenizer(pre_export, toks, tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "seed_llama.py"), "--llm", str(pre_export), "--prompt", "What?",
-           "--image", str(IMAGES / "coffee.png"), "--greedy", "--max-new-tokens", "3"]
-    ok = subprocess.run([*cmd, "--out", str(tmp_path / "ok")], capture_output=True, text=True, env=ENV, timeout=300)
+def test_seed_llama_script_uses_the_exports_tokenizer(pre_export, toks, tmp_path, capsys):
+    cmd = ["--llm", str(pre_export), "--prompt", "What?", "--image", str(IMAGES / "coffee.png"), "--greedy",
+           "--max-new-tokens", "3"]
+    ok = subprocess.run([sys.executable, str(ROOT / "scripts" / "seed_llama.py"), *cmd, "--out", str(tmp_path / "ok")],
+                        capture_output=True, text=True, env=ENV, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert (tmp_path / "ok" / "transcript.md").is_file()
-    bad = subprocess.run([*cmd, "--image-tokenizer", str(toks["B"]), "--out", str(tmp_path / "bad")],
-                         capture_output=True, text=True, env=ENV, timeout=300)
-    assert bad.returncode == 2
-    lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert "image tokenizer `" + str(pre_export / "image_tokenizer") in (tmp_path / "ok" / "transcript.md").read_text()
+    capsys.readouterr()
+    assert _script("seed_llama")([*cmd, "--image-tokenizer", str(toks["B"]), "--out", str(tmp_path / "bad")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and str(toks["B"]) in lines[0] and "image_tokenizer.json" in lines[0]
     assert not (tmp_path / "bad").exists()

@@ -134,7 +134,7 @@ def test_sft_inherits_the_pretraining_exports_tokenizer(pre_export, codes_a, tok
     with pytest.raises(InputError, match=rf"(?s)model\.base {pre_export}.*data\.image_tokenizer"):
         train(SFT, tmp_path / "sft2", f"model.base={pre_export}", "data.train=null", src,
               f"data.image_tokenizer={toks['B']}")
-    assert not (tmp_path / "sft2" / "metrics.jsonl").exists()
+    assert not (tmp_path / "sft2").exists()  # refused before the output folder is made
 
 
 def test_codes_of_another_trained_tokenizer_are_refused(codes_a, toks, tmp_path, caplog):
@@ -143,14 +143,14 @@ def test_codes_of_another_trained_tokenizer_are_refused(codes_a, toks, tmp_path,
     assert code == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and str(codes_a / "run.json") in errors[0] and str(toks["B"]) in errors[0]
-    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_seed1_folder_refused_under_the_seed2_recipe_and_declared_on_purpose(tmp_path):
     folder = tokenize("seed_tiny", tmp_path / "seed1")
     with pytest.raises(InputError, match=r"(?s)run\.json: SEED-1 codes.*data\.image_codes=seed1"):
         train(PRETRAIN, tmp_path / "o", f"data.train={folder}")
-    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    assert not (tmp_path / "o").exists()
     summary = train(PRETRAIN, tmp_path / "o1", f"data.train={folder}", "data.image_codes=seed1")
     rec = record(summary["export"])
     assert rec["variant"] == "seed1" and rec["declared"] is True and rec["spec"] == "seed_tiny"
@@ -170,6 +170,7 @@ def test_unfinished_folder_refused_or_used_and_recorded(codes_a, tmp_path):
         (part / "codes" / f"00000{k}.jsonl").unlink()
     with pytest.raises(InputError, match=r"(?s)unfinished tokenization \(1 of 3 chunks done.*data\.allow_unfinished"):
         train(PRETRAIN, tmp_path / "o", f"data.train={part}")
+    assert not (tmp_path / "o").exists()
     summary = train(PRETRAIN, tmp_path / "o2", f"data.train={part}", "data.allow_unfinished=true")
     rec = record(summary["export"])
     assert rec["allow_unfinished"] is True
@@ -198,7 +199,7 @@ def test_image_paths_without_a_usable_image_tokenizer_fail_before_the_model(tmp_
             train(SFT, tmp_path / "o", f"data.train={convs}")
         with pytest.raises(InputError, match="data.image_tokenizer 'seed2_tinny'"):
             train(SFT, tmp_path / "o", f"data.train={convs}", "data.image_tokenizer=seed2_tinny")
-    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    assert not (tmp_path / "o").exists()
     summary = train(SFT, tmp_path / "ok", f"data.train={convs}", f"data.image_tokenizer={toks['A']}")
     rec = record(summary["export"])
     assert rec["spec"] == "image_tokenizer" and rec["copied_from"] == str(toks["A"].resolve())

@@ -170,14 +170,18 @@ def build_data(cfg: DictConfig, tokenizer: Any, rank: int, world: int, state: di
 def train(cfg: DictConfig, resume: bool = False, overrides: list[str] | None = None) -> dict:
     """Train per ``cfg`` (`seed.training.llm.config.LlamaTrainConfig`); returns ``step``,
     ``output_dir``, ``export`` (or None) and the last step's metrics."""
+    from ...provenance import training_record
+
+    # a fresh run checks whose codes it reads before its output folder is made (a resume: the checkpoint's config)
+    codes_record = None if resume else training_record(cfg.data, cfg.model.base)
     run = Run(cfg, resume=resume, overrides=overrides, schema=LlamaTrainConfig)
     try:
-        return _train(run)
+        return _train(run, codes_record)
     finally:
         run.close()
 
 
-def _train(run: Run) -> dict:
+def _train(run: Run, codes_record: dict | None = None) -> dict:
     cfg, d = run.cfg, run.dist
     check_llama_train_config(cfg, "the run's config")
     t = cfg.train
@@ -188,10 +192,10 @@ def _train(run: Run) -> dict:
                        "original's cosine rises again", t.max_steps, schedule)
     if cfg.data.train is None and not cfg.data.sources:
         raise InputError("no training data: pass data.train=FILE_OR_FOLDER or list data.sources")
-    from ...provenance import training_record
+    if codes_record is None or run.resumed:  # whose codes these are, before the model is built
+        from ...provenance import training_record
 
-    # whose codes these are: checked (and image paths' tokenizer found) before the model is built
-    codes_record = training_record(cfg.data, cfg.model.base)
+        codes_record = training_record(cfg.data, cfg.model.base)
     tokenizer = load_tokenizer(cfg.model)
     model = build(cfg, tokenizer)
     if run.resumed:

@@ -257,3 +257,30 @@ def test_seed_llama_script_uses_the_exports_tokenizer(pre_export, toks, tmp_path
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and str(toks["B"]) in lines[0] and "image_tokenizer.json" in lines[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_demo_and_evaluate_default_to_the_exports_tokenizer(pre_export, toks):
+    import argparse
+
+    from seed.app import demo_from_args, parse_args
+
+    copy = str((pre_export / "image_tokenizer").resolve())
+    demo = demo_from_args(parse_args(["--llm", str(pre_export)]))
+    try:
+        assert demo._image_tokenizer_spec == copy
+        assert demo.tokenizer.encode(IMAGES / "camera.png").tolist() == \
+            seed.Tokenizer.from_pretrained(toks["A"]).encode(IMAGES / "camera.png").tolist()
+    finally:
+        demo.close()
+    with pytest.raises(InputError, match="tokB"):
+        demo_from_args(parse_args(["--llm", str(pre_export), "--config", str(toks["B"])]))
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    args = argparse.Namespace(llm=str(pre_export), tokenizer=None, image_tokenizer=None, dtype=None,
+                              load_in_8bit=False, template=None)
+    pipe, fingerprint = ev.load_llama(args)
+    assert pipe.image_tokenizer_spec == copy and "model.safetensors" in fingerprint["image_tokenizer_files"]
+    with pytest.raises(InputError, match="tokB"):
+        ev.load_llama(argparse.Namespace(**{**vars(args), "image_tokenizer": str(toks["B"])}))

@@ -124,13 +124,14 @@ def test_mismatching_image_tokenizer_is_refused(pre_export, toks):
 
 
 def test_sft_inherits_the_pretraining_exports_tokenizer(pre_export, codes_a, toks, tmp_path):
-    """SFT from the pretraining export on the caption rows (format sft_caption), no data.image_tokenizer."""
-    src = f"data.sources=[{{path: '{codes_a}', format: sft_caption}}]"
-    summary = train(SFT, tmp_path / "sft", f"model.base={pre_export}", "data.train=null", src)
+    """SFT from the pretraining export on raw-code conversations (nothing else names a tokenizer): the
+    export's record is the base's; with the caption rows as sft_caption and another data.image_tokenizer: refused."""
+    summary = train(SFT, tmp_path / "sft", f"model.base={pre_export}")  # data.train: llama_sft_tiny.jsonl
     export = Path(summary["export"])
     assert record(export)["fingerprint"] == record(pre_export)["fingerprint"]
     assert record(export)["spec"] == "image_tokenizer" and (export / "image_tokenizer" / "model.safetensors").is_file()
     # another image tokenizer than the base's is refused, naming both
+    src = f"data.sources=[{{path: '{codes_a}', format: sft_caption}}]"
     with pytest.raises(InputError, match=rf"(?s)model\.base {pre_export}.*data\.image_tokenizer"):
         train(SFT, tmp_path / "sft2", f"model.base={pre_export}", "data.train=null", src,
               f"data.image_tokenizer={toks['B']}")

@@ -265,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.image_tokenizer is not None:
             loading["image_tokenizer"] = image_tokenizer_source(args.image_tokenizer, args.overrides, seed1)
         elif args.overrides:
-            if record is not None:
-                raise InputError(f"--llm {args.llm} records its image tokenizer (image_tokenizer.json): key=value "
-                                 "overrides would make another one; drop them")
+            default = "seed2_tiny" if args.llm == "tiny" else "seed2_tokenizer"
+            if record is not None and record.get("spec") is None:
+                from seed.provenance import no_tokenizer_message
+
+                raise InputError(no_tokenizer_message(args.llm, record))
             loading["image_tokenizer"] = image_tokenizer_source(
-                "seed2_tiny" if args.llm == "tiny" else "seed2_tokenizer", args.overrides)
+                record["spec"] if record is not None else default, args.overrides, seed1)
         if record is not None and "image_tokenizer" in loading:  # checked before anything is written
             from seed.provenance import export_image_tokenizer
 

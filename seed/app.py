@@ -666,16 +666,11 @@ def demo_from_args(args: argparse.Namespace) -> Demo:
     llm = None if str(args.llm).lower() == "none" else args.llm
     record = None
     if llm is not None and llm != TINY and resolve_path(llm).is_dir():  # an LLM export names its image tokenizer
-        from .provenance import export_image_tokenizer, read_export_record
+        from .provenance import read_export_record
 
         record = read_export_record(resolve_path(llm))
         if record is not None:
-            if args.config is not None and args.overrides:
-                raise InputError(f"--llm {llm} records its image tokenizer (image_tokenizer.json): key=value overrides "
-                                 "would make another one; drop them")
-            if args.config is not None:
-                export_image_tokenizer(llm, record, args.config)  # another one is refused, naming both
-            elif record.get("spec") is None:
+            if args.config is None and record.get("spec") is None:
                 from .provenance import no_tokenizer_message
 
                 raise InputError(no_tokenizer_message(llm, record).replace("image_tokenizer= (scripts: "
@@ -691,6 +686,10 @@ def demo_from_args(args: argparse.Namespace) -> Demo:
                              f"folder {config}: drop them, or pass a config with --config")
     else:
         image_tokenizer = load_config(config, *args.overrides)
+    if record is not None:  # another tokenizer than the export's (also by overrides of its model) is refused
+        from .provenance import export_image_tokenizer
+
+        export_image_tokenizer(llm, record, image_tokenizer)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     return Demo(image_tokenizer, llm, tokenizer=args.tokenizer, template=args.template, system=args.system,
                 torch_dtype=dtype, device_map=args.device_map, load_in_8bit=args.load_in_8bit,

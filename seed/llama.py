@@ -552,7 +552,9 @@ class SeedLlama:
                     tok = self._load_image_tokenizer()
                     if getattr(tok, "variant", "seed2") != self.image_codes:
                         raise InputError(f"the image tokenizer is {tok.variant}; SEED-LLaMA speaks SEED-2 codes "
-                                         "(configs/seed2_tokenizer.yaml)")
+                                         "(configs/seed2_tokenizer.yaml)" if self.image_codes == "seed2" else
+                                         f"the image tokenizer is {tok.variant}; this LM learned {self.image_codes} "
+                                         "codes (its image_tokenizer.json)")
                     if tok.quantizer.codebook.weight.shape[0] != NUM_CODES:
                         raise InputError(f"the image tokenizer has {tok.quantizer.codebook.weight.shape[0]} codes; "
                                          f"SEED-LLaMA needs {NUM_CODES}")

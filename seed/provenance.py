@@ -191,7 +191,7 @@ def differences(a: Mapping, b: Mapping) -> list[str]:
         if ma != mb:
             from .dataset import fingerprint_diff
 
-            out += [d.replace(" in run.json, ", " vs ").replace(" now", "") for d in fingerprint_diff(ma, mb)][:3]
+            out += [d.replace(" in run.json, ", " vs ").replace(" now", "") for d in fingerprint_diff({"model": ma}, {"model": mb})][:3]
         if wa is not None and wb is not None and wa != wb:
             if set(wa) != set(wb):
                 out.append("weights: a config's weight files vs a saved folder's model.safetensors (pass the same "
@@ -209,7 +209,7 @@ def describe(record: Mapping | None) -> str:
     if not record or (record.get("variant") is None and record.get("spec") is None):
         return "an unknown image tokenizer"
     spec = record.get("shown") or record.get("spec")
-    return f"the {record.get('variant') or '?'} image tokenizer {spec or '(unnamed: no spec recorded)'}"
+    return f"the {record.get('variant') or '?'} image tokenizer {spec or '(unnamed: a config or object, no name)'}"
 
 
 def check_same(a: Mapping, b: Mapping, where_a: str, where_b: str, hint: str = "",
@@ -375,7 +375,8 @@ def _has_image_path(row: Any) -> bool:
     parts: list[Any] = []
     if isinstance(row.get("parts"), (list, tuple)):
         parts += list(row["parts"])
-    for m in row.get("messages") or [] if isinstance(row.get("messages"), (list, tuple)) else []:
+    messages = row.get("messages") if isinstance(row.get("messages"), (list, tuple)) else []
+    for m in messages:
         if isinstance(m, Mapping) and isinstance(m.get("content"), (list, tuple)):
             parts += list(m["content"])
     return any(isinstance(p, Mapping) and p.get("codes") is None and isinstance(p.get("image"), str) for p in parts)

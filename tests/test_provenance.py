@@ -285,3 +285,24 @@ def test_demo_and_evaluate_default_to_the_exports_tokenizer(pre_export, toks):
     assert pipe.image_tokenizer_spec == copy and "model.safetensors" in fingerprint["image_tokenizer_files"]
     with pytest.raises(InputError, match="tokB"):
         ev.load_llama(argparse.Namespace(**{**vars(args), "image_tokenizer": str(toks["B"])}))
+
+
+def test_overrides_of_a_recorded_config_may_change_decoding_not_the_model(tmp_path, capsys):
+    """An export recording a config (seed2_tiny): diffusion overrides are fine, model overrides are another tokenizer."""
+    from seed.provenance import record_for, write_export_record
+
+    export = tmp_path / "export"
+    export.mkdir()
+    write_export_record(export, record_for("seed2_tiny"))
+    from seed.llama import SeedLlama
+
+    pipe = SeedLlama.from_pretrained(export, tokenizer=str(seed.llama.TINY_LLAMA_TOKENIZER))
+    assert pipe.image_tokenizer_spec == "seed2_tiny"
+    same = seed.load_config("seed2_tiny", "diffusion.steps=2", "model.precision=fp16-all")
+    SeedLlama.from_pretrained(export, tokenizer=str(seed.llama.TINY_LLAMA_TOKENIZER), image_tokenizer=same)
+    with pytest.raises(InputError, match=r"model\.image_size: 56 vs 28"):
+        SeedLlama.from_pretrained(export, tokenizer=str(seed.llama.TINY_LLAMA_TOKENIZER),
+                                  image_tokenizer=seed.load_config("seed2_tiny", "model.image_size=28"))
+    assert _script("seed_llama")(["--llm", str(export), "--tokenizer", str(seed.llama.TINY_LLAMA_TOKENIZER),
+                                  "--prompt", "hi", "--out", str(tmp_path / "o"), "model.image_size=28"]) == 2
+    assert "model.image_size: 56 vs 28" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -10,7 +10,9 @@ The ``data:`` section of a SEED-LLaMA training config (`LlmDataConfig`; unknown 
       shuffle: true          # shuffle file order and the rows inside each file, per pass
       pad_to: max_length     # or longest: pad each batch to its longest sequence (same loss)
       image_tokenizer: null  # seed.Tokenizer.load spec (config name/YAML, folder, Hub id): image
-                             # PATHS in rows become codes
+                             # PATHS in rows become codes; also names the codes' tokenizer (seed.provenance)
+      image_codes: seed2     # or seed1: SEED-1 codes on purpose (else refused)
+      allow_unfinished: false  # train on an unfinished tokenize_dataset.py folder (recorded)
       sources:               # the mixture (the original's recipes, spec section 5)
         - path: data/laion   # str or list of str: files, folders (recursive), globs
           name: laion        # default: the file or folder name

@@ -211,7 +211,19 @@ def load_inception(args):
 
 
 def image_tokenizer_spec(args) -> str:
-    """The image tokenizer the pipeline will use: --image-tokenizer, else SeedLlama's default."""
+    """The image tokenizer the pipeline will use: --image-tokenizer (checked against the export's
+    record, `seed.provenance`), else the one an LLM export records, else SeedLlama's default.
+    An export whose record names no tokenizer needs --image-tokenizer (`InputError`)."""
+    from seed.provenance import export_image_tokenizer, no_tokenizer_message, read_export_record
+
+    record = read_export_record(args.llm) if args.llm and args.llm != "tiny" and Path(args.llm).is_dir() else None
+    if record is not None:
+        spec = export_image_tokenizer(args.llm, record, args.image_tokenizer)
+        if spec is None:
+            from seed import InputError
+
+            raise InputError(no_tokenizer_message(args.llm, record))
+        return str(spec)
     return args.image_tokenizer or ("seed2_tiny" if args.llm == "tiny" else "seed2_tokenizer")
 
 

@@ -16,7 +16,9 @@ overwrites another's files.
 
 --image-tokenizer is a SEED-2 config (a shipped name such as seed2_tokenizer, or a YAML file),
 a folder written by seed.Tokenizer.save_pretrained, or a Hugging Face Hub repo id (owner/name,
-downloaded on first use). Overrides of a config go last as key=value.
+downloaded on first use). Overrides of a config go last as key=value. Default: the one an LLM
+export records in its image_tokenizer.json (scripts/train_llama.py writes it; another one passed
+is refused), else seed2_tokenizer.
 
 Exit status: 0 done; 2 bad arguments (checked before any model loads: a SEED-1 --image-tokenizer,
 --force-image with --max-new-tokens under 33...), an LM or tokenizer that cannot load (checked
@@ -121,14 +123,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def image_tokenizer_source(name: str, overrides: list[str]) -> Any:
+def export_record(llm: str) -> dict | None:
+    """The image tokenizer record of an LLM folder (``image_tokenizer.json``, `seed.provenance`), or None."""
+    from seed.provenance import read_export_record
+
+    return read_export_record(llm) if llm != "tiny" and Path(llm).expanduser().is_dir() else None
+
+
+def image_tokenizer_source(name: str, overrides: list[str], seed1: bool = False) -> Any:
     """What ``--image-tokenizer NAME`` means, decided without loading a model or downloading.
 
     A folder (``seed.Tokenizer.save_pretrained``) -> its `Path`; a config file or shipped config
     name -> the loaded `DictConfig` with ``overrides`` applied; else a Hub repo id (``owner/name``,
     whose first part is not a local folder) -> the id as a str, which `SeedLlama` downloads on
     first use. Anything else, overrides with a folder or Hub id, or a SEED-1 config or folder
-    (``model.decoder.head`` not ``image``) is an `InputError`.
+    (``model.decoder.head`` not ``image``; allowed with ``seed1``: an export that declared SEED-1
+    codes) is an `InputError`.
     """
     from omegaconf import OmegaConf
 
@@ -137,7 +147,7 @@ def image_tokenizer_source(name: str, overrides: list[str]) -> Any:
 
     def seed2(cfg: Any, what: str) -> Any:
         head = OmegaConf.select(cfg, "model.decoder.head", default="reverse_qformer")
-        if head != "image":
+        if head != "image" and not seed1:
             raise InputError(f"--image-tokenizer {name}: {what} is a SEED-1 tokenizer (model.decoder.head={head}); "
                              "SEED-LLaMA speaks SEED-2 codes: use a SEED-2 config such as seed2_tokenizer")
         return cfg
@@ -259,11 +269,22 @@ def main(argv: list[str] | None = None) -> int:
                     what = f"the byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"a lone surrogate U+{c:04X}"
                     raise InputError(f"{flag}: not valid UTF-8 text ({what} at character {e.start}); "
                                      "pass the text in UTF-8") from None
+        record = export_record(args.llm)
+        seed1 = record is not None and record.get("variant") == "seed1"
         if args.image_tokenizer is not None:
-            loading["image_tokenizer"] = image_tokenizer_source(args.image_tokenizer, args.overrides)
+            loading["image_tokenizer"] = image_tokenizer_source(args.image_tokenizer, args.overrides, seed1)
         elif args.overrides:
+            default = "seed2_tiny" if args.llm == "tiny" else "seed2_tokenizer"
+            if record is not None and record.get("spec") is None:
+                from seed.provenance import no_tokenizer_message
+
+                raise InputError(no_tokenizer_message(args.llm, record))
             loading["image_tokenizer"] = image_tokenizer_source(
-                "seed2_tiny" if args.llm == "tiny" else "seed2_tokenizer", args.overrides)
+                record["spec"] if record is not None else default, args.overrides, seed1)
+        if record is not None and "image_tokenizer" in loading:  # checked before anything is written
+            from seed.provenance import export_image_tokenizer
+
+            export_image_tokenizer(args.llm, record, loading["image_tokenizer"])
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -297,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                                 ("height", args.height), ("width", args.width),
                                 ("scheduler", args.scheduler)) if v is not None}
     transcript = Transcript(out, f"LM `{args.llm}`, template `{pipe.template}`, "
-                                 f"image tokenizer `{args.image_tokenizer or 'default'}`")
+                                 f"image tokenizer `{args.image_tokenizer or pipe.image_tokenizer_spec or 'default'}`")
     history: list[dict] = []
 
     def turn(text: str, images: list[str], force: bool) -> bool:

@@ -172,9 +172,12 @@ def run(args: argparse.Namespace, rank: int, world_size: int) -> int:
                 if lock is None:
                     lock = take_lock(args.output)
                 fingerprint = model_fingerprint(cfg, str(default_dtype(device)).replace("torch.", ""), saved)
+                from seed.provenance import spec_name
+
                 verdict["record"] = prepare_output(args.output, items, fingerprint, args.format, args.chunk_size,
                                                    world_size, args.force_mismatch,
-                                                   input_name=os.path.abspath(args.input))
+                                                   input_name=os.path.abspath(args.input),
+                                                   model_spec=None if args.overrides else spec_name(args.config))
         except (InputError, CheckpointError) as e:
             if world_size == 1:
                 raise

@@ -664,14 +664,32 @@ def demo_from_args(args: argparse.Namespace) -> Demo:
     from .config import load_config, resolve_path
 
     llm = None if str(args.llm).lower() == "none" else args.llm
-    config = args.config or ("seed2_tiny" if llm == TINY else "seed2_tokenizer")
+    record = None
+    if llm is not None and llm != TINY and resolve_path(llm).is_dir():  # an LLM export names its image tokenizer
+        from .provenance import read_export_record
+
+        record = read_export_record(resolve_path(llm))
+        if record is not None:
+            if args.config is None and record.get("spec") is None:
+                from .provenance import no_tokenizer_message
+
+                raise InputError(no_tokenizer_message(llm, record).replace("image_tokenizer= (scripts: "
+                                                                           "--image-tokenizer)", "--image-tokenizer"))
+    config = args.config or (record or {}).get("spec") or ("seed2_tiny" if llm == TINY else "seed2_tokenizer")
     image_tokenizer: Any = config  # a saved folder loads on first use; a config is checked now
+    if record is not None and record.get("variant") == "seed1":
+        raise InputError(f"--llm {llm} learned SEED-1 codes (its image_tokenizer.json); the web demo chats in SEED-2 "
+                         "codes only: use scripts/seed_llama.py or seed.SeedLlama")
     if resolve_path(config).is_dir():
         if args.overrides:  # as seed.Tokenizer.load
             raise InputError(f"key=value overrides apply to a config name or YAML file, not to the saved tokenizer "
                              f"folder {config}: drop them, or pass a config with --config")
     else:
         image_tokenizer = load_config(config, *args.overrides)
+    if record is not None:  # another tokenizer than the export's (also by overrides of its model) is refused
+        from .provenance import export_image_tokenizer
+
+        export_image_tokenizer(llm, record, image_tokenizer)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     return Demo(image_tokenizer, llm, tokenizer=args.tokenizer, template=args.template, system=args.system,
                 torch_dtype=dtype, device_map=args.device_map, load_in_8bit=args.load_in_8bit,

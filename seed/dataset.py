@@ -551,8 +551,12 @@ def fsync_path(path: Path) -> None:
 
 def prepare_output(out_dir: str | os.PathLike, items: Sequence[Item], fingerprint: dict, fmt: str,
                    chunk_size: int | None, world_size: int, force_mismatch: bool = False,
-                   input_name: str = "") -> dict:
+                   input_name: str = "", model_spec: str | None = None) -> dict:
     """Check or create ``OUT/run.json``; returns the run record (``chunk_size`` and ``chunks`` included).
+
+    ``model_spec``: what names the model for `seed.Tokenizer.load` (a shipped config name, a YAML or
+    folder path; None with overrides), recorded as ``model_spec`` so that an LLM trained on the rows
+    can name its image tokenizer (`seed.provenance`); not compared on resume (the fingerprint is).
 
     A new folder records the fingerprint, the listing (count + hash), the format and the chunk
     size. An existing one must match: another listing or format is an `OutputError` (its chunks
@@ -604,7 +608,7 @@ def prepare_output(out_dir: str | os.PathLike, items: Sequence[Item], fingerprin
     size = chunk_size or default_chunk_size(len(items), world_size)
     record = {"format_version": 1, "created": _utcnow(), "seed_version": __version__, "input": input_name,
               **listing, "chunk_size": size, "chunks": math.ceil(len(items) / size), "format": fmt,
-              "fingerprint": fingerprint}
+              "fingerprint": fingerprint, "model_spec": model_spec}
     _write_json_atomic(run_json, record)
     return record
 

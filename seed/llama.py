@@ -441,6 +441,10 @@ class SeedLlama:
         if tokenizer.pad_token is None:
             raise InputError(f"the tokenizer ({type(tokenizer).__name__}) has no pad, unk or eos token to pad with")
         self._load_model = _lazy(model)
+        self.image_codes = "seed2"
+        """The codes the LM speaks: "seed2", or "seed1" for an export that declared SEED-1 codes."""
+        self.image_tokenizer_spec: Any = image_tokenizer if isinstance(image_tokenizer, (str, Path)) else None
+        """What names the image tokenizer (a config name, folder or Hub id), when a name does."""
         self._load_image_tokenizer = _lazy(_image_tokenizer_loader(image_tokenizer))
         self._model: PreTrainedModel | None = None
         self._image_tokenizer: Tokenizer | None = None
@@ -470,6 +474,13 @@ class SeedLlama:
         `seed.Tokenizer`, a config (name such as ``"seed2_tokenizer"``, YAML path or DictConfig)
         or a `seed.Tokenizer.save_pretrained` folder / Hub id; loaded on first use (default
         ``"seed2_tokenizer"``, for ``tiny`` the random ``"seed2_tiny"``).
+
+        An LLM folder holding ``image_tokenizer.json`` (an export of ``scripts/train_llama.py``, see
+        `seed.provenance`) uses the image tokenizer recorded there by default (its own copy in
+        ``image_tokenizer/``, or the config it names); an ``image_tokenizer`` passed that is another
+        tokenizer (another variant, config or weights) is an `InputError` naming both. When the
+        record names none (its codes had no provenance), or a local folder has no record and the
+        default ``seed2_tokenizer`` cannot load, the first image fails asking for ``image_tokenizer=``.
         """
         if load_in_8bit and load_in_4bit:
             raise InputError("load_in_8bit and load_in_4bit exclude each other")
@@ -482,10 +493,9 @@ class SeedLlama:
         tiny = isinstance(llm_name, str) and llm_name == "tiny"
         if template is None:
             template = "llama2" if "seed-llama-14b" in str(llm_name).lower() else "vicuna"
-        if image_tokenizer is None:
-            image_tokenizer = "seed2_tiny" if tiny else "seed2_tokenizer"
         if not tiny:
             _check_source(llm_name, "llm")
+        image_tokenizer, image_codes = _export_image_tokenizer(llm_name, image_tokenizer, tiny)
         if isinstance(tokenizer, (str, Path)) or tokenizer is None:
             source = tokenizer if tokenizer is not None else (
                 TINY_LLAMA_TOKENIZER if tiny else
@@ -522,8 +532,10 @@ class SeedLlama:
                 raise CheckpointError(f"llm: cannot load the LM from {llm_name}: {e}") from None
             return model if "device_map" in kwargs else model.to(device)
 
-        return cls(load_model, tokenizer, image_tokenizer, template=template, system=system,
+        pipe = cls(load_model, tokenizer, image_tokenizer, template=template, system=system,
                    constrain_images=constrain_images)
+        pipe.image_codes = image_codes
+        return pipe
 
     # ----------------------------------------------------------------------- lazy parts
 
@@ -549,9 +561,11 @@ class SeedLlama:
             with self._image_lock:
                 if self._image_tokenizer is None:
                     tok = self._load_image_tokenizer()
-                    if getattr(tok, "variant", "seed2") != "seed2":
+                    if getattr(tok, "variant", "seed2") != self.image_codes:
                         raise InputError(f"the image tokenizer is {tok.variant}; SEED-LLaMA speaks SEED-2 codes "
-                                         "(configs/seed2_tokenizer.yaml)")
+                                         "(configs/seed2_tokenizer.yaml)" if self.image_codes == "seed2" else
+                                         f"the image tokenizer is {tok.variant}; this LM learned {self.image_codes} "
+                                         "codes (its image_tokenizer.json)")
                     if tok.quantizer.codebook.weight.shape[0] != NUM_CODES:
                         raise InputError(f"the image tokenizer has {tok.quantizer.codebook.weight.shape[0]} codes; "
                                          f"SEED-LLaMA needs {NUM_CODES}")
@@ -807,6 +821,44 @@ def _check_source(name: str | Path, what: str) -> None:
     if looks_local and not Path(s).expanduser().exists():
         raise CheckpointError(f"{what}: {s} does not exist (give a folder or a Hugging Face Hub id such as "
                               "AILab-CVC/seed-llama-8b-sft)")
+
+
+def _export_image_tokenizer(llm_name: str | Path, given: Any, tiny: bool) -> tuple[Any, str]:
+    """The image tokenizer of `SeedLlama.from_pretrained` and the codes' variant: an LLM folder's
+    record (`seed.provenance`) decides the default and checks ``given``; otherwise ``given`` or the
+    default (``seed2_tiny`` for tiny, ``seed2_tokenizer``), which for a local folder without a
+    record fails at the first image with a message asking for ``image_tokenizer=``."""
+    from . import provenance
+
+    if tiny:
+        return (given if given is not None else "seed2_tiny"), "seed2"
+    folder = Path(str(llm_name)).expanduser()
+    record = provenance.read_export_record(folder) if folder.is_dir() else None
+    if record is None:
+        if given is not None or not folder.is_dir():
+            return (given if given is not None else "seed2_tokenizer"), "seed2"
+        return _explained_loader("seed2_tokenizer", provenance.no_tokenizer_message(folder, None)), "seed2"
+    codes = record.get("variant") or "seed2"
+    chosen = provenance.export_image_tokenizer(folder, record, given)
+    if chosen is None:
+        message = provenance.no_tokenizer_message(folder, record)
+
+        def refuse() -> Tokenizer:
+            raise InputError(message)
+        return refuse, codes
+    return chosen, codes
+
+
+def _explained_loader(spec: str, why: str) -> Callable[[], Tokenizer]:
+    """Load ``spec``; if it cannot load (its weight files missing), say ``why`` it was assumed."""
+    def load() -> Tokenizer:
+        from .tokenizer import Tokenizer
+
+        try:
+            return Tokenizer.load(spec)
+        except (CheckpointError, InputError, FileNotFoundError) as e:
+            raise InputError(f"{why}. (The default {spec} did not load: {e})") from None
+    return load
 
 
 def _image_tokenizer_loader(spec: Any) -> Any:

@@ -452,11 +452,11 @@ def test_image_paths_in_messages_are_tokenized_once(tmp_path, llama_tok):
     ref = FORMATTERS["messages"]({"messages": [dict(row["messages"][0], content=want), row["messages"][1]]})
     ids, _ = SampleEncoder(llama_tok).encode(ref, 64)
     assert batch["input_ids"][0, :len(ids)].tolist() == ids
-    # Without an image tokenizer the row is a bad row, and nothing is built for rows without images.
+    # Without an image tokenizer the first such row stops the stream (not a skipped bad row): issue 22.
     data = LlmData([src], llama_tok)
-    with pytest.raises(InputError, match="no usable sample"):
+    with pytest.raises(InputError, match=r"chat\.jsonl:1: image .*cat\.png.*data\.image_tokenizer"):
         next(data)
-    assert data.counts()["chat"]["bad"] == 2
+    assert data.counts()["chat"]["bad"] == 0
 
 
 def test_image_tokenizer_is_named_as_seed_tokenizer_load_takes_it(tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ The ``data:`` section of a SEED-LLaMA training config (`LlmDataConfig`; unknown 
       pad_to: max_length     # or longest: pad each batch to its longest sequence (same loss)
       pack: false            # pack whole samples into rows of up to max_length tokens (same loss)
       image_tokenizer: null  # seed.Tokenizer.load spec (config name/YAML, folder, Hub id): image
-                             # PATHS in rows become codes
+                             # PATHS in rows become codes; also names the codes' tokenizer (seed.provenance)
+      image_codes: seed2     # or seed1: SEED-1 codes on purpose (else refused)
+      allow_unfinished: false  # train on an unfinished tokenize_dataset.py folder (recorded)
       sources:               # the mixture (the original's recipes, spec section 5)
         - path: data/laion   # str or list of str: files, folders (recursive), globs
           name: laion        # default: the file or folder name
@@ -120,6 +122,11 @@ class LlmDataConfig:
     ``train`` (format auto), or one source's settings ``{path, format, options, max_length,
     batch_size, name}``; its loss is logged as ``val_loss`` every ``train.eval_every`` steps and at
     the last step. null: none."""
+    image_codes: str = "seed2"
+    """Which codes the LLM learns: seed2 (SEED-LLaMA) or seed1 (SEED-1 codes on purpose, as SEED-1's
+    SEED-OPT); codes of the other variant are refused (`seed.provenance.training_record`)."""
+    allow_unfinished: bool = False
+    """Train on an unfinished ``scripts/tokenize_dataset.py`` folder's rows (else refused); recorded."""
 
 
 # --------------------------------------------------------------------------- reading files
@@ -219,6 +226,10 @@ def _json(line: bytes, where: str) -> Any:
 # --------------------------------------------------------------------------- rows -> (kind, payload)
 
 
+class NoImageTokenizer(InputError):
+    """A row holds an image path and the run has no image tokenizer: stops the run (not a bad row)."""
+
+
 class ImageCodes:
     """Image paths -> codes with a `seed.Tokenizer`, each path encoded once (cached).
 
@@ -234,7 +245,9 @@ class ImageCodes:
         if path not in self._cache:
             tok = self._tokenizer
             if tok is None:
-                raise InputError(f"image {path!r}: image paths in rows need an image tokenizer (data.image_tokenizer)")
+                raise NoImageTokenizer(f"image {path!r}: image paths in rows need an image tokenizer: set "
+                                       "data.image_tokenizer (e.g. seed2_tokenizer, or the config / folder your "
+                                       "other codes came from)")
             if isinstance(tok, (str, os.PathLike)):
                 from ...tokenizer import Tokenizer
 
@@ -480,6 +493,8 @@ class _Stream:
                 plan = FORMATTERS[kind](payload, self.draws, **self.formatter_options)
             except OptionError as e:
                 raise InputError(f"source {self.src.name!r}: bad options {self.formatter_options}: {e}") from None
+            except NoImageTokenizer as e:
+                raise InputError(f"source {self.src.name!r}, {where}: {e}") from None
             except InputError as e:
                 self._bad(where, e)
                 continue

@@ -349,6 +349,25 @@ def format_sft_qa(row: Mapping, rng: Draws | None = None, *, reverse_ratio: floa
     return _sft([(_turn(True, request), [GEN_RESPONSE[i], Image(codes)])], branch="generate", prompt_index=i)
 
 
+def format_sft_caption(row: Mapping, rng: Draws | None = None, *, reverse_ratio: float = 0.5,
+                       caption_prompt: Any = None, decisions: Mapping | None = None) -> Plan:
+    """An image caption as instruction data, both directions (our name for the original's caption
+    instruction sources, e.g. coco_caption: `format_sft_qa` on what its caption tool writes).
+    ``image_ids`` + ``text`` (or ``answer``): with P = ``reverse_ratio`` (0.5) the answer branch
+    ``USER: IMG <describe question>\nASSISTANT:`` -> the caption with a final ``.``, else the
+    generate branch: a random text-to-image request built from the caption -> a canned response +
+    IMG. The question is ``question`` if the row has one, else
+    `seed.training.llm.data.DESCRIBE_QUESTION`. A pair row ``{"codes", "caption"}`` (a
+    ``scripts/tokenize_dataset.py`` caption row; a list of captions: one picked) arrives here as
+    ``image_ids`` + ``text``."""
+    from .data import DESCRIBE_QUESTION
+
+    if not isinstance(row.get("question"), str):
+        answer = row.get("answer") if isinstance(row.get("answer"), str) else _get(row, "text", "sft_caption")
+        row = {**row, "question": DESCRIBE_QUESTION, "answer": answer}
+    return format_sft_qa(row, rng, reverse_ratio=reverse_ratio, caption_prompt=caption_prompt, decisions=decisions)
+
+
 def format_sft_conversation(row: Mapping, rng: Draws | None = None, *, reverse_ratio: float = 0.5,
                             caption_prompt: Any = None, decisions: Mapping | None = None) -> Plan:
     """A multi-turn conversation about one image (``question`` = ``"Question: q1 Question: q2..."``,
@@ -548,6 +567,7 @@ FORMATTERS: dict[str, Callable[..., Plan | None]] = {
     "video_caption": format_video_caption,
     "text": format_text,
     "sft_qa": format_sft_qa,
+    "sft_caption": format_sft_caption,
     "sft_conversation": format_sft_conversation,
     "sft_visual_question": format_sft_visual_question,
     "sft_edit": format_sft_edit,

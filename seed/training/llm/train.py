@@ -156,16 +156,17 @@ def _trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --- data ----------------------------------------------------------------------------------------
 
 def build_data(cfg: DictConfig, tokenizer: Any, rank: int, world: int, state: dict | None,
-               device: torch.device | None = None):
+               device: torch.device | None = None, image_tokenizer: Any = None):
     """`seed.training.llm.data.LlmData` over ``cfg.data`` for this rank, at ``state`` (None: the
-    start); with several ranks its truncation counts are summed over them (on ``device``)."""
+    start); with several ranks its truncation counts are summed over them (on ``device``);
+    ``image_tokenizer``: for image paths in rows (default ``data.image_tokenizer``)."""
     from .data import LlmData
 
     def all_sum(n: int) -> int:
         return int(_all_sum(torch.tensor(float(n), dtype=torch.float64, device=device), world).item())
 
     data = LlmData.from_config(cfg.data, tokenizer, seed=cfg.train.seed, rank=rank, world_size=world,
-                               all_sum=all_sum if world > 1 else None)
+                               all_sum=all_sum if world > 1 else None, image_tokenizer=image_tokenizer)
     if state is not None:
         data.load_state_dict(state)
     return data
@@ -191,14 +192,18 @@ def train(cfg: DictConfig, resume: bool = False, overrides: list[str] | None = N
     """Train per ``cfg`` (`seed.training.llm.config.LlamaTrainConfig`); returns ``step``,
     ``output_dir``, ``export`` (or None) and the last step's metrics. ``command``: the script's
     ``[script, *args]`` for the export's model card (None: ``sys.argv``)."""
+    from ...provenance import training_record
+
+    # a fresh run checks whose codes it reads before its output folder is made (a resume: the checkpoint's config)
+    codes_record = None if resume else training_record(cfg.data, cfg.model.base)
     run = Run(cfg, resume=resume, overrides=overrides, schema=LlamaTrainConfig, command=command)
     try:
-        return _train(run)
+        return _train(run, codes_record)
     finally:
         run.close()
 
 
-def _train(run: Run) -> dict:
+def _train(run: Run, codes_record: dict | None = None) -> dict:
     cfg, d = run.cfg, run.dist
     check_llama_train_config(cfg, "the run's config")
     t = cfg.train
@@ -209,6 +214,10 @@ def _train(run: Run) -> dict:
                        "original's cosine rises again", t.max_steps, schedule)
     if cfg.data.train is None and not cfg.data.sources:
         raise InputError("no training data: pass data.train=FILE_OR_FOLDER or list data.sources")
+    if codes_record is None or run.resumed:  # whose codes these are, before the model is built
+        from ...provenance import training_record
+
+        codes_record = training_record(cfg.data, cfg.model.base)
     tokenizer = load_tokenizer(cfg.model)
     model = build(cfg, tokenizer)
     if run.resumed:
@@ -236,7 +245,8 @@ def _train(run: Run) -> dict:
     counts = M.count_parameters(model)
     logger.info("model %s: %d trainable of %d parameters (%s)", cfg.model.base, counts["trainable"], counts["total"],
                 "LoRA" if cfg.model.lora is not None else "full fine-tuning")
-    data = build_data(cfg, tokenizer, d.rank, d.world_size, run.state.get("data") if run.resumed else None, d.device)
+    data = build_data(cfg, tokenizer, d.rank, d.world_size, run.state.get("data") if run.resumed else None,
+                      d.device, image_tokenizer=codes_record["image_tokenizer"])
     val = build_val(cfg, tokenizer, d, data)
 
     def save(at: int) -> None:
@@ -314,6 +324,7 @@ def _train(run: Run) -> dict:
         M.export(unwrap(net) if not fsdp else model, tokenizer, tmp, dtype=t.export_dtype or cfg.model.dtype,
                  in_place=True)
         _copy_sentencepiece(tokenizer, tmp)
+        _write_codes_record(tmp, codes_record)
         card.write_card(tmp, card.llm_record(cfg, data, val, out_dir=run.out_dir, folder=tmp, step=step,
                                              world_size=d.world_size, command=run.command))  # after image_tokenizer.json
         shutil.rmtree(export, ignore_errors=True)
@@ -321,6 +332,17 @@ def _train(run: Run) -> dict:
         logger.info("exported %s", export)
     d.barrier()
     return {"step": step, "output_dir": str(run.out_dir), "export": str(export) if export else None, **last}
+
+
+def _write_codes_record(out: Path, record: dict) -> None:
+    """``out/image_tokenizer.json`` (+ ``out/image_tokenizer/``, a copy of a trained tokenizer folder):
+    which image tokenizer the exported LLM's codes belong to (`seed.provenance`)."""
+    from ...provenance import write_export_record
+
+    keep = {k: v for k, v in record.items() if k != "image_tokenizer"}
+    write_export_record(out, keep, copy_from=record.get("folder"))
+    logger.info("export's image tokenizer: %s", record.get("spec") or "unknown (no codes named one: pass "
+                "data.image_tokenizer to record it)")
 
 
 def _copy_sentencepiece(tokenizer: Any, out: Path) -> None:

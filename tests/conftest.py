@@ -188,3 +188,34 @@ def run_in_threads(run, jobs: list[tuple], threads: int = 4) -> tuple[dict, list
     for th in pool:
         th.join()
     return results, errors
+
+
+_LIVE_RUN = """
+import importlib, sys
+module, loader, schema = sys.argv[1:4]
+m = importlib.import_module(module)
+from seed.training.run import Run
+run = Run(getattr(m, loader)(*sys.argv[4:]), schema=getattr(m, schema))
+run.begin(2)
+run.log({"step": 1, "loss": 1.0})
+print("live", flush=True)
+sys.stdin.read()
+run.log({"step": 2, "loss": 0.5})
+run.close()
+"""
+
+
+def start_live_run(kind: str, config: Path, *overrides: str):
+    """A live training run in another process: a trainer's `seed.training.run.Run` on ``config``
+    (``kind`` llama or tokenizer) that has begun, logged step 1 and waits; closing its stdin lets
+    it log step 2 and end. Returns the Popen once it is live."""
+    import subprocess
+    import sys
+
+    module, loader, schema = {"llama": ("seed.training.llm.config", "load_llama_train_config", "LlamaTrainConfig"),
+                              "tokenizer": ("seed.training.config", "load_train_config", "TrainConfig")}[kind]
+    p = subprocess.Popen([sys.executable, "-c", _LIVE_RUN, module, loader, schema, str(config), *overrides],
+                         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.strip() == "live", f"the live run did not start (exit {p.wait()})"
+    return p

@@ -229,3 +229,21 @@ def test_bad_configs_are_input_errors_naming_the_key():
             load_llama_train_config(PRETRAIN, override)
     with pytest.raises(InputError, match="model.lora.target_modules"):
         M.apply_lora(M.tiny_base(600), M.LoraSettings(target_modules=["nope"]))
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, caplog):
+    """OUT/.lock: a second train_llama.py (fresh or --resume) into a live run's folder exits 2 naming
+    the holder, before it touches anything; the live run's metrics go on intact."""
+    from conftest import start_live_run
+
+    out = tmp_path / "out"
+    live = start_live_run("llama", PRETRAIN, f"train.output_dir={out}", "train.progress=false")
+    try:
+        for extra in ((), ("--resume",)):
+            assert train(f"train.output_dir={out}", *extra) == 2
+            assert f"{out} is in use: pid {live.pid}" in caplog.text and "use another train.output_dir" in caplog.text
+            caplog.clear()
+    finally:
+        live.stdin.close()
+        assert live.wait(timeout=60) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2] and not (out / "checkpoints").exists()

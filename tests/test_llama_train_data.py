@@ -431,6 +431,36 @@ def test_config_and_bad_settings(tmp_path, llama_tok):
         next(LlmData([Source(name="bad", files=[str(all_bad)])], llama_tok))
 
 
+def test_settings_mean_what_they_say(tmp_path, caplog):
+    """weight 0 leaves a source out (not weight 1); a size of 0 is an error naming the key (not the default)."""
+    _mixture(tmp_path)
+    two = [{"path": "a", "name": "pairs"}, {"path": "b.jsonl", "name": "chat", "weight": 0}]
+    with caplog.at_level("WARNING"):
+        sources = sources_from_config({"sources": two, "batch_size": 2}, base_dir=tmp_path)
+    assert [(s.name, s.weight) for s in sources] == [("pairs", 1.0)]
+    assert "data.sources[1] (chat): weight 0, left out of the mixture" in caplog.text
+    with pytest.raises(InputError, match=r"every source has weight 0"):
+        sources_from_config({"sources": [dict(two[0], weight=0.0), two[1]]}, base_dir=tmp_path)
+    for cfg, key in (({"train": "a", "batch_size": 0}, r"data.batch_size: must be an int >= 1, got 0"),
+                     ({"train": "a", "max_length": 0}, r"data.max_length: must be an int >= 2 \(bos \+ eos\), got 0"),
+                     ({"sources": [{"path": "a", "batch_size": 0}]}, r"data.sources\[0\].batch_size: must be"),
+                     ({"sources": [{"path": "a", "max_length": 0}]}, r"data.sources\[0\].max_length: must be"),
+                     ({"sources": [{"path": "a", "weight": -1}]}, r"data.sources\[0\].weight: must be a number >= 0"),
+                     ({"sources": [{"path": "a", "cycle": 0}]}, r"data.sources\[0\].cycle: must be an int >= 1")):
+        with pytest.raises(InputError, match=key):
+            sources_from_config(cfg, base_dir=tmp_path)
+
+
+def test_llama_config_checks_data_settings_before_anything_is_built():
+    from seed.training.llm.config import load_llama_train_config
+
+    pretrain = Path(__file__).resolve().parents[1] / "configs" / "train" / "llama_pretrain_tiny.yaml"
+    for override, key in (("data.batch_size=0", "data.batch_size"), ("data.max_length=0", "data.max_length"),
+                          ("data.sources=[{path: x, max_length: 0}]", r"data.sources\[0\].max_length")):
+        with pytest.raises(InputError, match=key):
+            load_llama_train_config(pretrain, override)
+
+
 def test_image_paths_in_messages_are_tokenized_once(tmp_path, llama_tok):
     calls = []
 

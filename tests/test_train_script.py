@@ -435,3 +435,14 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, caplog):
         live.stdin.close()
         assert live.wait(timeout=60) == 0
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
+def test_zero_sizes_are_errors_naming_the_key():
+    """A 0 means 0: a setting that would quietly train on something else (empty captions, no text
+    tokens, a batch of nothing) is refused at load time, naming the key."""
+    for override, key in (("data.batch_size=0", "data.batch_size"), ("data.max_words=0", "data.max_words"),
+                          ("data.image_size=0", "data.image_size"), ("itc.max_txt_len=0", "itc.max_txt_len"),
+                          ("itc.embed_dim=0", "itc.embed_dim"), ("itc.temp=0", "itc.temp"),
+                          ("train.warmup_steps=-1", "train.warmup_steps"), ("train.init_lr=-1", "train.init_lr")):
+        with pytest.raises(seed.InputError, match=rf"bad value for '{key}'"):
+            load_train_config(STAGE2, override)

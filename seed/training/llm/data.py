@@ -15,7 +15,7 @@ The ``data:`` section of a SEED-LLaMA training config (`LlmDataConfig`; unknown 
         - path: data/laion   # str or list of str: files, folders (recursive), globs
           name: laion        # default: the file or folder name
           format: caption    # auto (the row's layout picks the kind) | a kind of FORMATTERS (every row)
-          weight: 5.0        # relative chance that the next micro-batch comes from this source
+          weight: 5.0        # relative chance that the next micro-batch comes from this source (0: left out)
           batch_size: null   # global micro-batch of this source (null: data.batch_size)
           max_length: 140    # null: data.max_length
           cycle: null        # passes over the files before the source runs out (null: forever)
@@ -48,6 +48,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -74,7 +75,7 @@ class SourceConfig:
     format: str = "auto"
     """auto (per row: messages / parts / pairs / text) or a kind of `seed.training.llm.format.FORMATTERS`."""
     weight: float = 1.0
-    """Relative chance of this source for the next micro-batch."""
+    """Relative chance of this source for the next micro-batch; 0 leaves the source out (logged)."""
     batch_size: Optional[int] = None
     """Global micro-batch size of this source (all ranks together); null: ``data.batch_size``."""
     max_length: Optional[int] = None
@@ -367,10 +368,30 @@ class Source:
                 raise InputError(f"source {self.name!r}: bad {key} {getattr(self, key)!r}")
 
 
-def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> list[Source]:
-    """`LlmDataConfig` (a dataclass, DictConfig or dict) -> resolved `Source` list (files listed)."""
+def _number(value: Any, key: str, *, integer: bool, low: float, why: str) -> Any:
+    """``value`` if it is a number (an int when ``integer``) >= ``low``, else `InputError` naming ``key``."""
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not ok or value < low:
+        raise InputError(f"{key}: {why}, got {value!r}")
+    return value
+
+
+def source_settings(cfg: Any, log: bool = True) -> list[dict[str, Any]]:
+    """The sources of an `LlmDataConfig` (a dataclass, DictConfig or dict) with their settings
+    resolved and checked, files not listed: ``key`` (``data.train`` / ``data.sources[k]``),
+    ``path``, ``name``, ``format``, ``weight``, ``batch_size``, ``max_length``, ``cycle``, ``options``.
+
+    A setting means what it says: null (absent) takes the default (a source's ``batch_size`` /
+    ``max_length``: ``data.batch_size`` / ``data.max_length``; ``weight``: 1.0), any other value is
+    used as given. ``weight: 0`` leaves the source out of the mixture (logged; every source at 0
+    is an error); a negative weight, a ``batch_size`` < 1, a ``max_length`` < 2 (bos + eos) or a
+    ``cycle`` < 1 is an `InputError` naming the key."""
     get = (lambda o, k, d=None: o.get(k, d)) if isinstance(cfg, Mapping) or hasattr(cfg, "keys") else \
         (lambda o, k, d=None: getattr(o, k, d))
+    sizes = {"batch_size": 8, "max_length": 200}  # LlmDataConfig's defaults, for a dict without them
+    for k, low, why in (("batch_size", 1, "must be an int >= 1"), ("max_length", 2, "must be an int >= 2 (bos + eos)")):
+        if get(cfg, k) is not None:
+            sizes[k] = _number(get(cfg, k), f"data.{k}", integer=True, low=low, why=why)
     entries = [dict(path=get(cfg, "train"), name="train", key="data.train")] if get(cfg, "train") else []
     for k, s in enumerate(get(cfg, "sources") or []):
         entries.append({"key": f"data.sources[{k}]", **{f: get(s, f) for f in (
@@ -390,15 +411,37 @@ def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> 
         opts = e.get("options") or {}
         if not isinstance(opts, Mapping):
             raise InputError(f"{key}.options: a mapping of formatter options, got {opts!r}")
-        out.append(Source(name=name, files=list_files(paths, base_dir), format=e.get("format") or "auto",
-                          weight=float(e.get("weight") or 1.0),
-                          batch_size=int(e.get("batch_size") or get(cfg, "batch_size", 8)),
-                          max_length=int(e.get("max_length") or get(cfg, "max_length", 200)),
-                          cycle=e.get("cycle"), options=dict(opts)))
-    names = [s.name for s in out]
+        weight = e.get("weight")
+        weight = 1.0 if weight is None else float(_number(weight, f"{key}.weight", integer=False, low=0,
+                                                          why="must be a number >= 0 (0: leave the source out)"))
+        settings = {"key": key, "paths": paths, "name": name, "format": e.get("format") or "auto", "weight": weight,
+                    "cycle": None if e.get("cycle") is None else _number(e["cycle"], f"{key}.cycle", integer=True,
+                                                                         low=1, why="must be an int >= 1 or null"),
+                    "options": dict(opts)}
+        for f, low, why in (("batch_size", 1, "must be an int >= 1 or null (data.batch_size)"),
+                            ("max_length", 2, "must be an int >= 2 or null (data.max_length)")):
+            v = e.get(f)
+            settings[f] = sizes[f] if v is None else _number(v, f"{key}.{f}", integer=True, low=low, why=why)
+        if weight == 0:
+            if log:
+                logger.warning("%s (%s): weight 0, left out of the mixture", key, name)
+            continue
+        out.append(settings)
+    if not out:
+        raise InputError(f"data.sources: every source has weight 0 ({', '.join(e['key'] for e in entries)}): "
+                         "nothing to train on")
+    names = [s["name"] for s in out]
     if len(set(names)) != len(names):
         raise InputError(f"data: source names must differ, got {names}")
     return out
+
+
+def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> list[Source]:
+    """`LlmDataConfig` (a dataclass, DictConfig or dict) -> resolved `Source` list (files listed),
+    settings per `source_settings` (a source with weight 0 is left out)."""
+    return [Source(name=s["name"], files=list_files(s["paths"], base_dir), format=s["format"], weight=s["weight"],
+                   batch_size=s["batch_size"], max_length=s["max_length"], cycle=s["cycle"], options=s["options"])
+            for s in source_settings(cfg)]
 
 
 _LOGGED_BAD = 10

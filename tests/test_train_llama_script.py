@@ -247,3 +247,19 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, caplog):
         live.stdin.close()
         assert live.wait(timeout=60) == 0
     assert [r["step"] for r in metrics(out)] == [1, 2] and not (out / "checkpoints").exists()
+
+
+def test_a_caption_the_tokenizer_cannot_encode_is_a_bad_row_and_resume_goes_past_it(tmp_path):
+    """A lone surrogate in row 10 (read in step 3): the run and its --resume go on, the row is counted."""
+    rows = (ROOT / "configs" / "train" / "data" / "llama_pairs_tiny.jsonl").read_text().splitlines()
+    bad = json.loads(rows[9])
+    bad["caption"] = "A scraped caption \ud83d with half an emoji."
+    rows[9] = json.dumps(bad)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    args = (f"train.output_dir={out}", f"data.train={data}", "data.shuffle=false")
+    assert train(*args, "train.max_steps=2") == 0
+    assert train(*args, "train.max_steps=4", "--resume") == 0
+    last = metrics(out)[-1]
+    assert last["step"] == 4 and last["data"]["train"]["bad"] == 1 and last["data"]["train"]["rows"] == 17

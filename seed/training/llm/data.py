@@ -37,7 +37,7 @@ Batches (`LlmData`): as the original, each micro-batch comes whole from ONE sour
 seeded weighted draw, and holds ``batch_size`` samples padded to that source's ``max_length``. The
 stream of global micro-batches depends only on the seed and the data: rank ``r`` of ``W`` takes
 the ``r``-th contiguous share of every global batch, so 2 ranks x B equals 1 rank x 2B. Bad rows
-are skipped, counted and logged; samples the original drops (blank captions, malformed documents)
+(including text the tokenizer cannot encode) are skipped, counted and logged by file and line; samples the original drops (blank captions, malformed documents)
 are counted as dropped. `LlmData.state_dict` (JSON-able) resumes the stream exactly.
 """
 
@@ -447,6 +447,19 @@ def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> 
 _LOGGED_BAD = 10
 
 
+def _unencodable(plan: Plan) -> str | None:
+    """Why a plan's text cannot be tokenized (a lone surrogate such as ``"\\ud83d"``, common in
+    scraped captions: not valid Unicode, so no tokenizer can encode it), or None."""
+    for parts, _ in plan.segments:
+        for p in parts:
+            if isinstance(p, str):
+                try:
+                    p.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    return f"{e.reason}: {p[max(0, e.start - 20):e.end + 20]!r}"
+    return None
+
+
 class _Stream:
     """The plans of one source, in order: passes over its files (shuffled per pass when asked),
     rows formatted with the source's own seeded draws. Its position is (pass, file, row)."""
@@ -460,6 +473,7 @@ class _Stream:
         self.counts = {"rows": 0, "samples": 0, "dropped": 0, "bad": 0, "batches": 0, "passes": 0}
         self._plans_this_pass = 0
         self._rows: list | None = None
+        self.last_where = ""
 
     def _file_order(self) -> list[str]:
         files = list(self.src.files)
@@ -513,7 +527,12 @@ class _Stream:
             if plan is None:
                 self.counts["dropped"] += 1
                 continue
+            bad_text = _unencodable(plan)
+            if bad_text:  # on every rank alike: the ranks' draws, drops and counts stay in step
+                self._bad(where, InputError(f"{where}: text the tokenizer cannot encode ({bad_text})"))
+                continue
             self._plans_this_pass += 1
+            self.last_where = where
             return plan
         return None
 
@@ -613,12 +632,13 @@ class LlmData:
                 x -= live[k].src.weight
                 k += 1
             st = live[k]
-            plans = []
+            plans, wheres = [], []
             while len(plans) < st.src.batch_size:
                 plan = st.next_plan()
                 if plan is None:
                     break
                 plans.append(plan)
+                wheres.append(st.last_where)
             if len(plans) < self.world_size:
                 if plans:
                     logger.info("source %s: dropping a last batch of %d samples (< %d ranks)",
@@ -630,12 +650,22 @@ class LlmData:
             n, w, r = len(plans), self.world_size, self.rank
             mine = plans[r * n // w:(r + 1) * n // w]
             L = st.src.max_length
-            samples = [self.encoder.encode(p, L) for p in mine]
+            samples = [self._encode(st, p, where, L) for p, where in zip(mine, wheres[r * n // w:(r + 1) * n // w])]
             if self.pad_to == "longest":
                 L = max(len(x) for x, _ in samples)
             batch = collate(samples, L, self.encoder.pad)
             batch["source"] = [st.src.name] * len(mine)
             return batch
+
+    def _encode(self, st: _Stream, plan: Plan, where: str, max_length: int) -> tuple[list[int], list[int]]:
+        """The sample's ids and labels; if the tokenizer fails on it (beyond the text check every rank
+        makes in `_Stream.next_plan`), a counted, logged bad row on this rank that stands in the batch
+        as ``[bos, eos]`` with nothing learned, so every rank's batch keeps its size."""
+        try:
+            return self.encoder.encode(plan, max_length)
+        except Exception as e:  # noqa: BLE001 - any tokenizer failure on one row must not end the run
+            st._bad(where, InputError(f"{where}: the tokenizer cannot encode it ({type(e).__name__}: {e})"))
+            return [self.encoder.bos, self.encoder.eos], [-100, -100]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per source: ``rows`` read, ``samples`` batched, ``dropped`` (as the original), ``bad`` rows

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seed.errors import CheckpointError
+from seed.errors import CheckpointError, InputError
 from seed.training.llm import model as M
 from seed.training.llm import optim as O
 
@@ -296,3 +296,62 @@ def test_optimizer_state_is_keyed_by_name_for_ddp_and_fsdp(monkeypatch):
             assert torch.equal(back["state"][n][k], state["state"][n][k]), (n, k)
     with pytest.raises(CheckpointError, match="other trainable parameters"):
         T._load_optimizer_state(net, opt, {"state": {}, "param_groups": [{"params": ["x"]}, {"params": []}]}, False)
+
+
+def _tiny_hf(kind: str, folder: Path) -> Path:
+    """A tiny random GPT-2 (tied embeddings) or GPT-NeoX, saved as a transformers folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0))
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=32,
+                                                 max_position_embeddings=32, bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind,target,embedding,norms", [
+    ("gpt2", "c_attn", "transformer.wte", ["ln_1", "ln_2", "ln_f"]),
+    ("neox", "query_key_value", "gpt_neox.embed_in", ["input_layernorm", "post_attention_layernorm", "final_layer_norm"]),
+])
+def test_modules_to_save_are_the_models_own_embeddings(kind, target, embedding, norms, tmp_path):
+    """The default modules_to_save find the embeddings with get_input/output_embeddings() and every norm
+    layer on a non-LLaMA model; the new image-token rows of the embedding and lm_head train (a tied
+    GPT-2 stays tied); a name that matches no module is refused, naming it."""
+    folder = _tiny_hf(kind, tmp_path / kind)
+    old, new = 60, 70  # 10 new tokens (the image tokens' rows)
+    lora = M.LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=[target])
+    model = M.build_model(folder, new, lora=lora)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    before = emb.weight[old:].detach().clone(), head.weight[old:].detach().clone()
+    ids = torch.arange(old, new).repeat(2, 2)  # only new tokens, each as an input and as a label
+    params = [p for _, p in M.trainable_named_parameters(model)]
+    opt = torch.optim.SGD(params, lr=1.0)
+    M.lm_loss(model, ids, ids).backward()
+    opt.step()
+    assert (emb.weight[old:] - before[0]).abs().amax(1).min() > 0, "an image token's embedding row did not train"
+    assert (head.weight[old:] - before[1]).abs().amax(1).min() > 0, "an image token's lm_head row did not train"
+    trainable = [n for n, _ in M.trainable_named_parameters(model)]
+    assert any(f"{embedding}.modules_to_save.default.weight" in n for n in trainable)
+    assert any(n.endswith(f"{norms[-1]}.modules_to_save.default.weight") for n in trainable)
+    from transformers import AutoModelForCausalLM
+
+    assert M.modules_to_save(AutoModelForCausalLM.from_pretrained(folder)) == [embedding, "lm_head", *norms]
+    out = M.export(model, None, tmp_path / "export")
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert torch.equal(merged.get_input_embeddings().weight[old:], emb.weight[old:].detach())
+    assert torch.equal(merged.get_output_embeddings().weight[old:], head.weight[old:].detach())
+    with pytest.raises(InputError, match=r"modules_to_save: 'input_layernrom' matches no module"):
+        M.build_model(folder, new, lora=M.LoraSettings(target_modules=[target], modules_to_save=["input_layernrom"]))
+    # embed_tokens / lm_head name the model's own embeddings, whatever they are called
+    named = M.build_model(folder, new, lora=M.LoraSettings(target_modules=[target], modules_to_save=["embed_tokens"]))
+    assert [n for n, _ in M.trainable_named_parameters(named) if "modules_to_save" in n] == [
+        f"base_model.model.{embedding}.modules_to_save.default.weight"]
+
+
+def test_default_modules_to_save_on_llama_are_the_originals():
+    assert M.modules_to_save(M.tiny_base(100)) == ["model.embed_tokens", "lm_head", *M.MODULES_TO_SAVE[2:]]

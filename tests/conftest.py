@@ -219,3 +219,41 @@ def start_live_run(kind: str, config: Path, *overrides: str):
     line = p.stdout.readline()
     assert line.strip() == "live", f"the live run did not start (exit {p.wait()})"
     return p
+
+
+PARITY_RTOL, PARITY_SCALE = 1e-4, 1e-5
+"""Parity tolerances: each element within ``PARITY_RTOL`` of its expected value plus
+``PARITY_SCALE`` x the expected tensor's norm (see `assert_close_at_scale`)."""
+
+
+def close_at_scale(actual, expected, rtol: float = PARITY_RTOL, scale: float = PARITY_SCALE) -> tuple[bool, str]:
+    """``(ok, why)``: ``actual`` equals ``expected`` (same shape) up to float order at the tensor's
+    scale: every element ``|a - e| <= scale * ||e|| + rtol * |e|`` (``||e||``: the L2 norm of the
+    whole expected tensor, e.g. a gradient row or a parameter's gradient).
+
+    Summing the same terms in another order (another BLAS, thread count, fixture dims) moves an
+    element by about eps x the norm of what was summed, whatever the element's own size; a fixed
+    absolute tolerance then fails a correct small element of a large row. A real error (a wrong or
+    swapped row, a flipped sign, a missing term) moves elements by their own size or more and fails."""
+    import torch
+
+    a = torch.as_tensor(actual).detach().double().cpu()
+    e = torch.as_tensor(expected).detach().double().cpu()
+    if a.shape != e.shape:
+        return False, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    atol = scale * float(e.norm())
+    diff = (a - e).abs()
+    bad = diff > atol + rtol * e.abs()
+    if not bool(torch.isfinite(a).all()) or bool(bad.any()):
+        i = int((diff - atol - rtol * e.abs()).flatten().argmax())
+        return False, (f"{int(bad.sum())} of {e.numel()} elements differ; worst at flat index {i}: "
+                       f"{a.flatten()[i].item():.6g} vs {e.flatten()[i].item():.6g} (|diff| {diff.flatten()[i].item():.3g}, "
+                       f"allowed {atol + rtol * abs(e.flatten()[i].item()):.3g}; tensor norm {e.norm().item():.4g})")
+    return True, ""
+
+
+def assert_close_at_scale(actual, expected, name: str = "", rtol: float = PARITY_RTOL,
+                          scale: float = PARITY_SCALE) -> None:
+    """Assert `close_at_scale` (the parity tests' one comparison of gradients and tensors)."""
+    ok, why = close_at_scale(actual, expected, rtol, scale)
+    assert ok, f"{name}: {why}" if name else why

@@ -226,10 +226,12 @@ PARITY_RTOL, PARITY_SCALE = 1e-4, 1e-5
 ``PARITY_SCALE`` x the expected tensor's norm (see `assert_close_at_scale`)."""
 
 
-def close_at_scale(actual, expected, rtol: float = PARITY_RTOL, scale: float = PARITY_SCALE) -> tuple[bool, str]:
+def close_at_scale(actual, expected, rtol: float = PARITY_RTOL, scale: float = PARITY_SCALE,
+                   rows: bool = False) -> tuple[bool, str]:
     """``(ok, why)``: ``actual`` equals ``expected`` (same shape) up to float order at the tensor's
     scale: every element ``|a - e| <= scale * ||e|| + rtol * |e|`` (``||e||``: the L2 norm of the
-    whole expected tensor, e.g. a gradient row or a parameter's gradient).
+    whole expected tensor, e.g. a gradient row or a parameter's gradient; ``rows``: of the
+    element's row along the last dimension, e.g. one token's hidden state in a batch of them).
 
     Summing the same terms in another order (another BLAS, thread count, fixture dims) moves an
     element by about eps x the norm of what was summed, whatever the element's own size; a fixed
@@ -241,19 +243,20 @@ def close_at_scale(actual, expected, rtol: float = PARITY_RTOL, scale: float = P
     e = torch.as_tensor(expected).detach().double().cpu()
     if a.shape != e.shape:
         return False, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    atol = scale * float(e.norm())
+    atol = scale * (e.norm(dim=-1, keepdim=True) if rows and e.dim() else e.norm())
     diff = (a - e).abs()
     bad = diff > atol + rtol * e.abs()
     if not bool(torch.isfinite(a).all()) or bool(bad.any()):
-        i = int((diff - atol - rtol * e.abs()).flatten().argmax())
+        allowed = (atol + rtol * e.abs()).flatten()
+        i = int((diff.flatten() - allowed).nan_to_num(float("inf")).argmax())
         return False, (f"{int(bad.sum())} of {e.numel()} elements differ; worst at flat index {i}: "
                        f"{a.flatten()[i].item():.6g} vs {e.flatten()[i].item():.6g} (|diff| {diff.flatten()[i].item():.3g}, "
-                       f"allowed {atol + rtol * abs(e.flatten()[i].item()):.3g}; tensor norm {e.norm().item():.4g})")
+                       f"allowed {allowed[i].item():.3g}; tensor norm {e.norm().item():.4g})")
     return True, ""
 
 
 def assert_close_at_scale(actual, expected, name: str = "", rtol: float = PARITY_RTOL,
-                          scale: float = PARITY_SCALE) -> None:
+                          scale: float = PARITY_SCALE, rows: bool = False) -> None:
     """Assert `close_at_scale` (the parity tests' one comparison of gradients and tensors)."""
-    ok, why = close_at_scale(actual, expected, rtol, scale)
+    ok, why = close_at_scale(actual, expected, rtol, scale, rows)
     assert ok, f"{name}: {why}" if name else why

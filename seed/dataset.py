@@ -358,12 +358,14 @@ class OutputLock:
     gone (no flock held and its pid dead on this host, or an empty file after a clean exit) is
     taken over; a lock left by a process on another host, which this host cannot check, is
     refused with how to clear it. The file stays in place (emptied) after the run: removing it
-    could let two runs lock two different files.
+    could let two runs lock two different files. ``option``: how the user names the folder (for
+    the refusal's "use another ..."): ``--output`` (tokenize_dataset.py), ``train.output_dir``.
     """
 
-    def __init__(self, out_dir: str | os.PathLike):
+    def __init__(self, out_dir: str | os.PathLike, option: str = "--output"):
         self.path = Path(out_dir) / ".lock"
         self.fd: int | None = None
+        self.option = option
 
     def acquire(self) -> None:
         try:
@@ -405,7 +407,7 @@ class OutputLock:
     def _held_message(self, holder: dict | None, doing: str) -> str:
         who = (f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
                if holder else "another process")
-        return f"{self.path.parent} is in use: {who} {doing}; wait for it to finish or use another --output"
+        return f"{self.path.parent} is in use: {who} {doing}; wait for it to finish or use another {self.option}"
 
     def _check_stale(self, holder: dict, flocked: bool) -> None:
         pid, host = holder.get("pid"), holder.get("host")

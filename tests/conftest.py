@@ -188,3 +188,75 @@ def run_in_threads(run, jobs: list[tuple], threads: int = 4) -> tuple[dict, list
     for th in pool:
         th.join()
     return results, errors
+
+
+_LIVE_RUN = """
+import importlib, sys
+module, loader, schema = sys.argv[1:4]
+m = importlib.import_module(module)
+from seed.training.run import Run
+run = Run(getattr(m, loader)(*sys.argv[4:]), schema=getattr(m, schema))
+run.begin(2)
+run.log({"step": 1, "loss": 1.0})
+print("live", flush=True)
+sys.stdin.read()
+run.log({"step": 2, "loss": 0.5})
+run.close()
+"""
+
+
+def start_live_run(kind: str, config: Path, *overrides: str):
+    """A live training run in another process: a trainer's `seed.training.run.Run` on ``config``
+    (``kind`` llama or tokenizer) that has begun, logged step 1 and waits; closing its stdin lets
+    it log step 2 and end. Returns the Popen once it is live."""
+    import subprocess
+    import sys
+
+    module, loader, schema = {"llama": ("seed.training.llm.config", "load_llama_train_config", "LlamaTrainConfig"),
+                              "tokenizer": ("seed.training.config", "load_train_config", "TrainConfig")}[kind]
+    p = subprocess.Popen([sys.executable, "-c", _LIVE_RUN, module, loader, schema, str(config), *overrides],
+                         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.strip() == "live", f"the live run did not start (exit {p.wait()})"
+    return p
+
+
+PARITY_RTOL, PARITY_SCALE = 1e-4, 1e-5
+"""Parity tolerances: each element within ``PARITY_RTOL`` of its expected value plus
+``PARITY_SCALE`` x the expected tensor's norm (see `assert_close_at_scale`)."""
+
+
+def close_at_scale(actual, expected, rtol: float = PARITY_RTOL, scale: float = PARITY_SCALE,
+                   rows: bool = False) -> tuple[bool, str]:
+    """``(ok, why)``: ``actual`` equals ``expected`` (same shape) up to float order at the tensor's
+    scale: every element ``|a - e| <= scale * ||e|| + rtol * |e|`` (``||e||``: the L2 norm of the
+    whole expected tensor, e.g. a gradient row or a parameter's gradient; ``rows``: of the
+    element's row along the last dimension, e.g. one token's hidden state in a batch of them).
+
+    Summing the same terms in another order (another BLAS, thread count, fixture dims) moves an
+    element by about eps x the norm of what was summed, whatever the element's own size; a fixed
+    absolute tolerance then fails a correct small element of a large row. A real error (a wrong or
+    swapped row, a flipped sign, a missing term) moves elements by their own size or more and fails."""
+    import torch
+
+    a = torch.as_tensor(actual).detach().double().cpu()
+    e = torch.as_tensor(expected).detach().double().cpu()
+    if a.shape != e.shape:
+        return False, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    atol = scale * (e.norm(dim=-1, keepdim=True) if rows and e.dim() else e.norm())
+    diff = (a - e).abs()
+    bad = diff > atol + rtol * e.abs()
+    if not bool(torch.isfinite(a).all()) or bool(bad.any()):
+        allowed = (atol + rtol * e.abs()).flatten()
+        i = int((diff.flatten() - allowed).nan_to_num(float("inf")).argmax())
+        return False, (f"{int(bad.sum())} of {e.numel()} elements differ; worst at flat index {i}: "
+                       f"{a.flatten()[i].item():.6g} vs {e.flatten()[i].item():.6g} (|diff| {diff.flatten()[i].item():.3g}, "
+                       f"allowed {allowed[i].item():.3g}; tensor norm {e.norm().item():.4g})")
+    return True, ""
+
+
+def assert_close_at_scale(actual, expected, name: str = "", rtol: float = PARITY_RTOL,
+                          scale: float = PARITY_SCALE, rows: bool = False) -> None:
+    """Assert `close_at_scale` (the parity tests' one comparison of gradients and tensors)."""
+    ok, why = close_at_scale(actual, expected, rtol, scale, rows)
+    assert ok, f"{name}: {why}" if name else why

@@ -432,6 +432,79 @@ def test_config_and_bad_settings(tmp_path, llama_tok):
         next(LlmData([Source(name="bad", files=[str(all_bad)])], llama_tok))
 
 
+def test_settings_mean_what_they_say(tmp_path, caplog):
+    """weight 0 leaves a source out (not weight 1); a size of 0 is an error naming the key (not the default)."""
+    _mixture(tmp_path)
+    two = [{"path": "a", "name": "pairs"}, {"path": "b.jsonl", "name": "chat", "weight": 0}]
+    with caplog.at_level("WARNING"):
+        sources = sources_from_config({"sources": two, "batch_size": 2}, base_dir=tmp_path)
+    assert [(s.name, s.weight) for s in sources] == [("pairs", 1.0)]
+    assert "data.sources[1] (chat): weight 0, left out of the mixture" in caplog.text
+    with pytest.raises(InputError, match=r"every source has weight 0"):
+        sources_from_config({"sources": [dict(two[0], weight=0.0), two[1]]}, base_dir=tmp_path)
+    for cfg, key in (({"train": "a", "batch_size": 0}, r"data.batch_size: must be an int >= 1, got 0"),
+                     ({"train": "a", "max_length": 0}, r"data.max_length: must be an int >= 2 \(bos \+ eos\), got 0"),
+                     ({"sources": [{"path": "a", "batch_size": 0}]}, r"data.sources\[0\].batch_size: must be"),
+                     ({"sources": [{"path": "a", "max_length": 0}]}, r"data.sources\[0\].max_length: must be"),
+                     ({"sources": [{"path": "a", "weight": -1}]}, r"data.sources\[0\].weight: must be a number >= 0"),
+                     ({"sources": [{"path": "a", "cycle": 0}]}, r"data.sources\[0\].cycle: must be an int >= 1")):
+        with pytest.raises(InputError, match=key):
+            sources_from_config(cfg, base_dir=tmp_path)
+
+
+def test_llama_config_checks_data_settings_before_anything_is_built():
+    from seed.training.llm.config import load_llama_train_config
+
+    pretrain = Path(__file__).resolve().parents[1] / "configs" / "train" / "llama_pretrain_tiny.yaml"
+    for override, key in (("data.batch_size=0", "data.batch_size"), ("data.max_length=0", "data.max_length"),
+                          ("data.sources=[{path: x, max_length: 0}]", r"data.sources\[0\].max_length")):
+        with pytest.raises(InputError, match=key):
+            load_llama_train_config(pretrain, override)
+
+
+def test_text_the_tokenizer_cannot_encode_is_a_counted_bad_row(tmp_path, llama_tok, caplog, monkeypatch):
+    """A lone surrogate (json.loads gives one for "\\ud83d") in a caption or a message: a bad row
+    named by file and line, on every rank alike; the stream goes on and resumes past it."""
+    pairs = [{"codes": [i] * 32, "caption": f"Caption number {i}."} for i in range(6)]
+    pairs[2]["caption"] = "A smiling face \ud83d in the scraped caption."
+    chat = {"messages": [{"role": "user", "content": "Hi \udc00 there"}, {"role": "assistant", "content": "Hello."}]}
+    path = _write_jsonl(tmp_path / "scraped.jsonl", [*pairs, chat])
+    assert "\\ud83d" in path.read_text()  # as json.dumps writes it
+    src = Source(name="web", files=[str(path)], format="auto", batch_size=2, max_length=64, cycle=1)
+    data = LlmData([src], llama_tok, seed=0, shuffle=False)
+    with caplog.at_level("WARNING"):
+        batches = list(data)
+    assert [len(b["source"]) for b in batches] == [2, 2, 1]
+    assert data.counts()["web"]["bad"] == 2 and data.counts()["web"]["samples"] == 5
+    assert "web:scraped.jsonl:3" in caplog.text and "web:scraped.jsonl:7" in caplog.text
+    assert "cannot encode" in caplog.text and "surrogates not allowed" in caplog.text
+    # two ranks see the same bad rows and batches; a resume from before the bad row goes past it
+    ranks = [LlmData([src], llama_tok, seed=0, shuffle=False, rank=r, world_size=2) for r in range(2)]
+    assert [len(list(d)) for d in ranks] == [2, 2] and ranks[0].counts() == ranks[1].counts()  # the last 1 < 2 ranks
+    first = LlmData([src], llama_tok, seed=0, shuffle=False)
+    next(first)
+    resumed = LlmData([src], llama_tok, seed=0, shuffle=False)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [b["input_ids"].tolist() for b in resumed] == [b["input_ids"].tolist() for b in batches[1:]]
+    # any other tokenizer failure on a row: counted and logged where it happens, the batch keeps its size
+    from seed.training.llm import format as F
+
+    real = F.SampleEncoder.encode_parts
+
+    def failing(self, parts):
+        if any(isinstance(p, str) and "number 4" in p for p in parts):
+            raise RuntimeError("the tokenizer choked")
+        return real(self, parts)
+
+    monkeypatch.setattr(F.SampleEncoder, "encode_parts", failing)
+    caplog.clear()
+    data = LlmData([src], llama_tok, seed=0, shuffle=False)
+    got = list(data)
+    assert [len(b["source"]) for b in got] == [2, 2, 1] and data.counts()["web"]["bad"] == 3
+    assert "web:scraped.jsonl:5" in caplog.text and "the tokenizer choked" in caplog.text
+    assert (got[1]["labels"][1] == -100).all() and got[1]["attention_mask"][1].sum() == 2
+
+
 def test_image_paths_in_messages_are_tokenized_once(tmp_path, llama_tok):
     calls = []
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import shutil
+import socket
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -245,3 +248,27 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_in_a_file(tmp_path, monke
     assert ("step/s" in err.getvalue() and "val_loss=0.75" in err.getvalue()) == tty
     if not tty:
         assert err.getvalue() == ""
+
+
+def test_one_run_per_output_folder(tmp_path, caplog):
+    """A second run into a live run's folder (fresh or --resume) is refused naming the holder, and
+    the first run's metrics stay; once it ends (or its process died) the folder is free again."""
+    common = [f"train.output_dir={tmp_path}", "train.max_steps=4", "train.save_every=2", "train.progress=false"]
+    first = Run(toy_cfg(*common), schema=ToyConfig)
+    first.begin(4)
+    first.log({"step": 1, "loss": 1.0})
+    for resume in (False, True):
+        with pytest.raises(seed.InputError, match=rf"{tmp_path} is in use: pid {os.getpid()} on host .* "
+                                                  r"use another train.output_dir"):
+            Run(toy_cfg(*common), resume=resume, schema=ToyConfig)
+    first.log({"step": 2, "loss": 0.5})
+    first.close()
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2]
+    Run(toy_cfg(*common), schema=ToyConfig).close()  # released: the folder is free
+    # a run killed with -9 leaves its pid in the lock: taken over, with a warning naming it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / ".lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "since": "x"}))
+    with caplog.at_level(logging.WARNING):
+        Run(toy_cfg(*common), schema=ToyConfig).close()
+    assert f"stale lock of pid {pid}" in caplog.text

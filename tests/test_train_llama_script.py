@@ -229,3 +229,67 @@ def test_bad_configs_are_input_errors_naming_the_key():
             load_llama_train_config(PRETRAIN, override)
     with pytest.raises(InputError, match="model.lora.target_modules"):
         M.apply_lora(M.tiny_base(600), M.LoraSettings(target_modules=["nope"]))
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, caplog):
+    """OUT/.lock: a second train_llama.py (fresh or --resume) into a live run's folder exits 2 naming
+    the holder, before it touches anything; the live run's metrics go on intact."""
+    from conftest import start_live_run
+
+    out = tmp_path / "out"
+    live = start_live_run("llama", PRETRAIN, f"train.output_dir={out}", "train.progress=false")
+    try:
+        for extra in ((), ("--resume",)):
+            assert train(f"train.output_dir={out}", *extra) == 2
+            assert f"{out} is in use: pid {live.pid}" in caplog.text and "use another train.output_dir" in caplog.text
+            caplog.clear()
+    finally:
+        live.stdin.close()
+        assert live.wait(timeout=60) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2] and not (out / "checkpoints").exists()
+
+
+def test_a_caption_the_tokenizer_cannot_encode_is_a_bad_row_and_resume_goes_past_it(tmp_path):
+    """A lone surrogate in row 10 (read in step 3): the run and its --resume go on, the row is counted."""
+    rows = (ROOT / "configs" / "train" / "data" / "llama_pairs_tiny.jsonl").read_text().splitlines()
+    bad = json.loads(rows[9])
+    bad["caption"] = "A scraped caption \ud83d with half an emoji."
+    rows[9] = json.dumps(bad)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    args = (f"train.output_dir={out}", f"data.train={data}", "data.shuffle=false")
+    assert train(*args, "train.max_steps=2") == 0
+    assert train(*args, "train.max_steps=4", "--resume") == 0
+    last = metrics(out)[-1]
+    assert last["step"] == 4 and last["data"]["train"]["bad"] == 1 and last["data"]["train"]["rows"] == 17
+
+
+def test_a_run_that_learns_nothing_fails_and_exports_nothing(tmp_path, caplog):
+    """max_length 4 cuts every SFT answer away: every micro-batch has no learned token (counted and
+    warned each step), and the run exits 2 with a clear error, before the last checkpoint and the export."""
+    out = tmp_path / "out"
+    rc = _main()(["--config", str(SFT), "train.max_steps=2", "train.save_every=1", "train.progress=false",
+                  "data.max_length=4", f"train.output_dir={out}"])
+    assert rc == 2
+    assert "no step of this run learned anything" in caplog.text and "max_length" in caplog.text
+    assert "had no learned token" in caplog.text
+    rows = metrics(out)
+    assert [(r["step"], r["learned_tokens"], r["empty_micro_batches"]) for r in rows] == [(1, 0, 1), (2, 0, 1)]
+    assert not (out / "export").exists() and not (out / ".export.tmp").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
+
+
+def test_micro_batches_without_a_learned_token_are_counted(tmp_path, caplog):
+    """A mixture where one source's answers are all cut away: its micro-batches are counted in
+    metrics and warned; the run, which learns from the other source, succeeds."""
+    sft = ROOT / "configs" / "train" / "data" / "llama_sft_tiny.jsonl"
+    pairs = ROOT / "configs" / "train" / "data" / "llama_pairs_tiny.jsonl"
+    out = tmp_path / "out"
+    rc = train(f"train.output_dir={out}", "train.max_steps=3", "train.grad_accum=2", "data.train=null",
+               f"data.sources=[{{path: {pairs}, name: pairs}}, {{path: {sft}, name: cut, max_length: 4}}]")
+    assert rc == 0
+    rows = metrics(out)
+    assert [r["empty_micro_batches"] for r in rows] == [r["sources"].get("cut", 0) for r in rows]
+    assert sum(r["empty_micro_batches"] for r in rows) > 0 and "had no learned token" in caplog.text
+    assert (out / "export" / "model.safetensors").is_file()

@@ -418,3 +418,31 @@ def test_help_is_fast_and_bad_overrides_name_the_key():
     r = subprocess.run([sys.executable, str(SCRIPT), "--config", str(STAGE2), "train.max_step=3"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "train.max_step" in r.stderr and "train.max_steps" in r.stderr
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, caplog):
+    """OUT/.lock: train_tokenizer.py (fresh or --resume) into a live run's folder exits 2 naming
+    the holder; the live run's metrics go on intact."""
+    from conftest import start_live_run
+
+    live = start_live_run("tokenizer", STAGE2, f"train.output_dir={tmp_path}", "train.progress=false")
+    try:
+        for extra in ((), ("--resume",)):
+            assert script("--config", STAGE2, f"train.output_dir={tmp_path}", *extra) == 2
+            assert f"{tmp_path} is in use: pid {live.pid}" in caplog.text
+            caplog.clear()
+    finally:
+        live.stdin.close()
+        assert live.wait(timeout=60) == 0
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
+def test_zero_sizes_are_errors_naming_the_key():
+    """A 0 means 0: a setting that would quietly train on something else (empty captions, no text
+    tokens, a batch of nothing) is refused at load time, naming the key."""
+    for override, key in (("data.batch_size=0", "data.batch_size"), ("data.max_words=0", "data.max_words"),
+                          ("data.image_size=0", "data.image_size"), ("itc.max_txt_len=0", "itc.max_txt_len"),
+                          ("itc.embed_dim=0", "itc.embed_dim"), ("itc.temp=0", "itc.temp"),
+                          ("train.warmup_steps=-1", "train.warmup_steps"), ("train.init_lr=-1", "train.init_lr")):
+        with pytest.raises(seed.InputError, match=rf"bad value for '{key}'"):
+            load_train_config(STAGE2, override)

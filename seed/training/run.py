@@ -34,6 +34,11 @@ terminal) no bar: one log line every ``log_every`` steps, and on every step with
 A trainer's held-out evaluation runs under `preserved_rng` with the model in eval mode, so it
 never changes the training that follows.
 
+One run per output folder: ``OUT/.lock`` (`lock_output_dir`, the lock of ``tokenize_dataset.py``)
+is held from `Run` to `Run.close`; a second run into a live run's folder (fresh or ``--resume``) is
+refused before it touches anything, naming the holder's pid, host and start; a lock left by a
+process that died (kill -9) on this host is taken over with a warning.
+
 Checkpoints: ``OUT/checkpoints/step_XXXXXXXX/`` holds ``model.safetensors`` (the tensors the
 trainer passes: its trainable parameters, by name), ``state.pt`` (``format``, ``step``,
 ``world_size``, ``rng``: the torch/CUDA/numpy/python RNG states of every rank, and whatever the
@@ -88,7 +93,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ..config import validate
-from ..dataset import fsync_path
+from ..dataset import OutputLock, fsync_path
 from ..errors import CheckpointError, InputError
 from .config import RunSection  # noqa: F401  (the run settings every trainer's train: section has)
 
@@ -225,6 +230,27 @@ def prepare_output_dir(path: str | os.PathLike, what: str = "train.output_dir") 
     except OSError as e:
         raise InputError(f"{what} {out}: cannot create or write to it ({e.strerror or e})") from None
     return out
+
+
+def lock_output_dir(out: Path, d: Dist) -> OutputLock | None:
+    """Lock ``out`` for this run (``OUT/.lock``, `seed.dataset.OutputLock`, as ``tokenize_dataset.py``):
+    rank 0 takes it, every rank learns the verdict (collective). Another live run in the folder is
+    a `seed.InputError` on every rank naming its pid, host and start; a lock left by a dead process
+    on this host is taken over. Returns the lock on rank 0 (release it when the run ends), else None."""
+    lock, refused = None, None
+    if d.main:
+        lock = OutputLock(out, option="train.output_dir")
+        try:
+            lock.acquire()
+        except InputError as e:
+            lock, refused = None, str(e)
+    if d.world_size > 1:
+        box = [refused]
+        dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused:
+        raise InputError(refused)
+    return lock
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -462,7 +488,8 @@ class Run:
     """One training run's processes and files (see the module docstring for the trainer's side).
 
     Construction, on every rank: joins the process group (`setup_distributed`), checks
-    ``train.output_dir`` can be created and written (`prepare_output_dir`), refuses a fresh run
+    ``train.output_dir`` can be created and written (`prepare_output_dir`), locks it for this run
+    (`lock_output_dir`: a second run into a live run's folder is refused), refuses a fresh run
     into a folder holding checkpoints, on ``resume`` reads the newest checkpoint and makes its
     config the run's (`config_for_resume`), checks TensorBoard is importable when asked, and seeds
     every RNG with ``train.seed + rank``. Nothing heavy is built, so bad input fails in seconds.
@@ -479,6 +506,16 @@ class Run:
         self.command = list(sys.argv if command is None else command)  # for the export's model card
         self.dist = d = setup_distributed()
         self.out_dir = prepare_output_dir(cfg.train.output_dir)
+        self.lock = lock_output_dir(self.out_dir, d)
+        try:
+            self._start(cfg, resume, overrides, schema, run_only)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _start(self, cfg: DictConfig, resume: bool, overrides: Sequence[str] | None, schema: type | None,
+               run_only: Collection[str]) -> None:
+        d = self.dist
         found = checkpoints(self.out_dir)
         if found and not resume:
             raise InputError(f"{self.out_dir} already holds checkpoints ({found[-1].name}): pass --resume to continue "
@@ -657,7 +694,7 @@ class Run:
         return folder
 
     def close(self) -> None:
-        """Close the bar, metrics.jsonl and TensorBoard (also after an error)."""
+        """Close the bar, metrics.jsonl and TensorBoard, and unlock the folder (also after an error)."""
         if self.bar is not None:
             self.bar.close()
         if self._redirect is not None:
@@ -667,6 +704,12 @@ class Run:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def script_logger(name: str) -> logging.Logger:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ...config import load_config
 from ...errors import InputError
 from ..config import RunSection, check_eval
-from .data import LlmDataConfig
+from .data import LlmDataConfig, source_settings
 from .model import DTYPES, LoraSettings
 
 
@@ -158,4 +158,9 @@ def check_llama_train_config(cfg: DictConfig, where: str = "config") -> None:
     for ok, key, why in checks:
         if not ok:
             raise InputError(f"{where}: bad value for '{key}' ({OmegaConf.select(cfg, key)!r}): {why}")
+    if cfg.data.train is not None or cfg.data.sources:
+        try:  # the data settings (weights, sizes), before anything is built; the files are listed later
+            source_settings(cfg.data, log=False)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
     check_eval(cfg, where)

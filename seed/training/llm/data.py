@@ -18,7 +18,7 @@ The ``data:`` section of a SEED-LLaMA training config (`LlmDataConfig`; unknown 
         - path: data/laion   # str or list of str: files, folders (recursive), globs
           name: laion        # default: the file or folder name
           format: caption    # auto (the row's layout picks the kind) | a kind of FORMATTERS (every row)
-          weight: 5.0        # relative chance that the next micro-batch comes from this source
+          weight: 5.0        # relative chance that the next micro-batch comes from this source (0: left out)
           batch_size: null   # global micro-batch of this source (null: data.batch_size)
           max_length: 140    # null: data.max_length
           cycle: null        # passes over the files before the source runs out (null: forever)
@@ -42,9 +42,9 @@ seeded weighted draw, and holds ``batch_size`` samples padded to that source's `
 (or, with ``pack``, packed whole into rows of up to ``max_length`` tokens). The
 stream of global micro-batches depends only on the seed and the data: rank ``r`` of ``W`` takes
 the ``r``-th contiguous share of every global batch, so 2 ranks x B equals 1 rank x 2B. Bad rows
-are skipped, counted and logged; samples the original drops (blank captions, malformed documents)
-are counted as dropped; samples cut by ``max_length`` are counted as truncated.
-`LlmData.state_dict` (JSON-able) resumes the stream exactly.
+(including text the tokenizer cannot encode) are skipped, counted and logged by file and line; samples
+the original drops (blank captions, malformed documents) are counted as dropped; samples cut by
+``max_length`` are counted as truncated. `LlmData.state_dict` (JSON-able) resumes the stream exactly.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -80,7 +81,7 @@ class SourceConfig:
     format: str = "auto"
     """auto (per row: messages / parts / pairs / text) or a kind of `seed.training.llm.format.FORMATTERS`."""
     weight: float = 1.0
-    """Relative chance of this source for the next micro-batch."""
+    """Relative chance of this source for the next micro-batch; 0 leaves the source out (logged)."""
     batch_size: Optional[int] = None
     """Global micro-batch size of this source (all ranks together); null: ``data.batch_size``."""
     max_length: Optional[int] = None
@@ -397,10 +398,31 @@ class Source:
                 raise InputError(f"source {self.name!r}: bad {key} {getattr(self, key)!r}")
 
 
-def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> list[Source]:
-    """`LlmDataConfig` (a dataclass, DictConfig or dict) -> resolved `Source` list (files listed)."""
+def _number(value: Any, key: str, *, integer: bool, low: float, why: str) -> Any:
+    """``value`` if it is a number (an int when ``integer``) >= ``low``, else `InputError` naming ``key``."""
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not ok or value < low:
+        raise InputError(f"{key}: {why}, got {value!r}")
+    return value
+
+
+def source_settings(cfg: Any, log: bool = True) -> list[dict[str, Any]]:
+    """The sources of an `LlmDataConfig` (a dataclass, DictConfig or dict) with their settings
+    resolved and checked, files not listed: ``key`` (``data.train`` / ``data.sources[k]``),
+    ``path``, ``name``, ``format``, ``weight``, ``batch_size``, ``max_length``, ``cycle``, ``options``,
+    ``pack``.
+
+    A setting means what it says: null (absent) takes the default (a source's ``batch_size`` /
+    ``max_length``: ``data.batch_size`` / ``data.max_length``; ``weight``: 1.0), any other value is
+    used as given. ``weight: 0`` leaves the source out of the mixture (logged; every source at 0
+    is an error); a negative weight, a ``batch_size`` < 1, a ``max_length`` < 2 (bos + eos) or a
+    ``cycle`` < 1 is an `InputError` naming the key."""
     get = (lambda o, k, d=None: o.get(k, d)) if isinstance(cfg, Mapping) or hasattr(cfg, "keys") else \
         (lambda o, k, d=None: getattr(o, k, d))
+    sizes = {"batch_size": 8, "max_length": 200}  # LlmDataConfig's defaults, for a dict without them
+    for k, low, why in (("batch_size", 1, "must be an int >= 1"), ("max_length", 2, "must be an int >= 2 (bos + eos)")):
+        if get(cfg, k) is not None:
+            sizes[k] = _number(get(cfg, k), f"data.{k}", integer=True, low=low, why=why)
     entries = [dict(path=get(cfg, "train"), name="train", key="data.train")] if get(cfg, "train") else []
     for k, s in enumerate(get(cfg, "sources") or []):
         entries.append({"key": f"data.sources[{k}]", **{f: get(s, f) for f in (
@@ -420,19 +442,55 @@ def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> 
         opts = e.get("options") or {}
         if not isinstance(opts, Mapping):
             raise InputError(f"{key}.options: a mapping of formatter options, got {opts!r}")
-        out.append(Source(name=name, files=list_files(paths, base_dir), format=e.get("format") or "auto",
-                          weight=float(e.get("weight") or 1.0),
-                          batch_size=int(e.get("batch_size") or get(cfg, "batch_size", 8)),
-                          max_length=int(e.get("max_length") or get(cfg, "max_length", 200)),
-                          cycle=e.get("cycle"), options=dict(opts),
-                          pack=bool(get(cfg, "pack", False) if e.get("pack") is None else e["pack"])))
-    names = [s.name for s in out]
+        weight = e.get("weight")
+        weight = 1.0 if weight is None else float(_number(weight, f"{key}.weight", integer=False, low=0,
+                                                          why="must be a number >= 0 (0: leave the source out)"))
+        settings = {"key": key, "paths": paths, "name": name, "format": e.get("format") or "auto", "weight": weight,
+                    "cycle": None if e.get("cycle") is None else _number(e["cycle"], f"{key}.cycle", integer=True,
+                                                                         low=1, why="must be an int >= 1 or null"),
+                    "options": dict(opts),
+                    "pack": bool(get(cfg, "pack", False) if e.get("pack") is None else e["pack"])}
+        for f, low, why in (("batch_size", 1, "must be an int >= 1 or null (data.batch_size)"),
+                            ("max_length", 2, "must be an int >= 2 or null (data.max_length)")):
+            v = e.get(f)
+            settings[f] = sizes[f] if v is None else _number(v, f"{key}.{f}", integer=True, low=low, why=why)
+        if weight == 0:
+            if log:
+                logger.warning("%s (%s): weight 0, left out of the mixture", key, name)
+            continue
+        out.append(settings)
+    if not out:
+        raise InputError(f"data.sources: every source has weight 0 ({', '.join(e['key'] for e in entries)}): "
+                         "nothing to train on")
+    names = [s["name"] for s in out]
     if len(set(names)) != len(names):
         raise InputError(f"data: source names must differ, got {names}")
     return out
 
 
+def sources_from_config(cfg: Any, base_dir: str | os.PathLike | None = None) -> list[Source]:
+    """`LlmDataConfig` (a dataclass, DictConfig or dict) -> resolved `Source` list (files listed),
+    settings per `source_settings` (a source with weight 0 is left out)."""
+    return [Source(name=s["name"], files=list_files(s["paths"], base_dir), format=s["format"], weight=s["weight"],
+                   batch_size=s["batch_size"], max_length=s["max_length"], cycle=s["cycle"], options=s["options"],
+                   pack=s["pack"])
+            for s in source_settings(cfg)]
+
+
 _LOGGED_BAD = 10
+
+
+def _unencodable(plan: Plan) -> str | None:
+    """Why a plan's text cannot be tokenized (a lone surrogate such as ``"\\ud83d"``, common in
+    scraped captions: not valid Unicode, so no tokenizer can encode it), or None."""
+    for parts, _ in plan.segments:
+        for p in parts:
+            if isinstance(p, str):
+                try:
+                    p.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    return f"{e.reason}: {p[max(0, e.start - 20):e.end + 20]!r}"
+    return None
 
 
 class _Stream:
@@ -448,6 +506,7 @@ class _Stream:
         self.counts = {"rows": 0, "samples": 0, "dropped": 0, "bad": 0, "batches": 0, "passes": 0, "truncated": 0}
         self._plans_this_pass = 0
         self._rows: list | None = None
+        self.last_where = ""
 
     def _file_order(self) -> list[str]:
         files = list(self.src.files)
@@ -503,7 +562,12 @@ class _Stream:
             if plan is None:
                 self.counts["dropped"] += 1
                 continue
+            bad_text = _unencodable(plan)
+            if bad_text:  # on every rank alike: the ranks' draws, drops and counts stay in step
+                self._bad(where, InputError(f"{where}: text the tokenizer cannot encode ({bad_text})"))
+                continue
             self._plans_this_pass += 1
+            self.last_where = where
             return plan
         return None
 
@@ -614,12 +678,13 @@ class LlmData:
                 x -= live[k].src.weight
                 k += 1
             st = live[k]
-            plans = []
+            plans, wheres = [], []
             while len(plans) < st.src.batch_size:
                 plan = st.next_plan()
                 if plan is None:
                     break
                 plans.append(plan)
+                wheres.append(st.last_where)
             if len(plans) < self.world_size:
                 if plans:
                     logger.info("source %s: dropping a last batch of %d samples (< %d ranks)",
@@ -632,8 +697,8 @@ class LlmData:
             mine = plans[r * n // w:(r + 1) * n // w]
             L = st.src.max_length
             samples, cut = [], 0
-            for p in mine:
-                ids, labels = self.encoder.encode_whole(p)
+            for p, where in zip(mine, wheres[r * n // w:(r + 1) * n // w]):
+                ids, labels = self._encode(st, p, where)
                 if len(ids) > L:
                     ids, labels = ids[:L], labels[:L]
                     cut += 1
@@ -647,6 +712,16 @@ class LlmData:
                 batch = collate(samples, L, self.encoder.pad)
             batch["source"] = [st.src.name] * len(batch["input_ids"])
             return batch
+
+    def _encode(self, st: _Stream, plan: Plan, where: str) -> tuple[list[int], list[int]]:
+        """The sample's ids and labels, not cut (`SampleEncoder.encode_whole`); if the tokenizer fails on it (beyond the text check every rank
+        makes in `_Stream.next_plan`), a counted, logged bad row on this rank that stands in the batch
+        as ``[bos, eos]`` with nothing learned, so every rank's batch keeps its size."""
+        try:
+            return self.encoder.encode_whole(plan)
+        except Exception as e:  # noqa: BLE001 - any tokenizer failure on one row must not end the run
+            st._bad(where, InputError(f"{where}: the tokenizer cannot encode it ({type(e).__name__}: {e})"))
+            return [self.encoder.bos, self.encoder.eos], [-100, -100]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per source: ``rows`` read, ``samples`` batched, ``dropped`` (as the original), ``bad`` rows

@@ -8,8 +8,9 @@ What the original does (``src/model/peft_model.py``, spec section 1), step by st
    init; current transformers default to mean-resizing, which we turn off), or copied from a
    file (`load_init`, the parity fixture's recorded rows).
 3. `apply_lora`: ``peft`` LoRA (r 16, alpha 32, dropout 0.05 on the 7 projections) with
-   ``embed_tokens``, ``lm_head`` and every RMSNorm trained in full (``modules_to_save``), or
-   nothing (full fine-tuning: every parameter trains).
+   ``embed_tokens``, ``lm_head`` and every RMSNorm trained in full (`modules_to_save`: the
+   model's own input/output embeddings and norm layers, any architecture; a name matching no
+   module is refused), or nothing (full fine-tuning: every parameter trains).
 4. `merge`: ``merge_and_unload`` (``W + alpha/r * B A``, the trained copies replace the
    originals), as ``merge_lora_weights.py``; `export` writes the merged model (safetensors), the
    tokenizer with the image tokens, and the adapter alone (peft format).
@@ -23,9 +24,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -40,7 +42,8 @@ logger = logging.getLogger(__name__)
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj")
 """The original's LoRA targets: every attention and MLP projection."""
 MODULES_TO_SAVE = ("embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm", "norm")
-"""Trained in full next to LoRA (peft matches by name suffix, so ``norm`` catches every RMSNorm)."""
+"""The original's ``modules_to_save`` (LLaMA names; peft matches by name suffix, so ``norm`` is the
+final RMSNorm): what `modules_to_save` picks by default on a LLaMA."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,8 +56,11 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
-    modules_to_save: list[str] = field(default_factory=lambda: list(MODULES_TO_SAVE))
-    """Trained in full next to LoRA (matched by name suffix: ``norm`` is every RMSNorm)."""
+    modules_to_save: Optional[list[str]] = None
+    """Trained in full next to LoRA (peft's name-suffix match; see `modules_to_save`). null: the
+    model's input and output embeddings and every normalization layer (on a LLaMA the original's
+    `MODULES_TO_SAVE`). ``embed_tokens`` / ``lm_head`` always name the model's own input / output
+    embeddings (GPT-2 ``wte``, GPT-NeoX ``embed_in``...); a name that matches no module is an error."""
 
 
 def load_base(path: str | os.PathLike, dtype: str = "float32") -> PreTrainedModel:
@@ -109,19 +115,70 @@ def resize_for_tokens(model: PreTrainedModel, vocab_size: int) -> PreTrainedMode
     return model
 
 
+def _matches(module: str, name: str) -> bool:
+    """peft's rule for ``modules_to_save``: the module's name is ``name`` or ends with ``.name``."""
+    return module == name or module.endswith("." + name)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalization layer with its own weights (LayerNorm, RMSNorm, LlamaRMSNorm, ...)."""
+    kind = isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.endswith("Norm")
+    return kind and any(True for _ in module.parameters(recurse=False))
+
+
+def modules_to_save(model: PreTrainedModel, names: Sequence[str] | None = None) -> list[str]:
+    """The ``modules_to_save`` for peft on ``model``, each matching at least one of its modules.
+
+    ``names`` None: the input and output embeddings (found with the model's own
+    ``get_input_embeddings()``/``get_output_embeddings()``) and every normalization layer (by
+    last name, e.g. LLaMA ``input_layernorm``, ``post_attention_layernorm``, ``norm``; GPT-2
+    ``ln_1``, ``ln_2``, ``ln_f``). In ``names``, ``embed_tokens`` and ``lm_head`` stand for the
+    model's own input and output embeddings whatever they are called (GPT-2 ``transformer.wte``,
+    GPT-NeoX ``gpt_neox.embed_in``); any other name is matched as peft does (by name suffix).
+    Raises `seed.InputError` naming an entry that matches no module (peft would ignore it and
+    leave, say, the image tokens' embedding rows random for the whole run)."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    out_emb = model.get_output_embeddings()
+    aliases = {"embed_tokens": paths.get(id(model.get_input_embeddings())),
+               "lm_head": paths.get(id(out_emb)) if out_emb is not None else None}
+    modules = dict(model.named_modules())
+    if names is None:
+        norms = [n for n, m in modules.items() if _is_norm(m)]
+        leaves = dict.fromkeys(n.rsplit(".", 1)[-1] for n in norms)
+        # a last name that also names another kind of module: the norms' full names instead
+        exact = all(_is_norm(m) for n, m in modules.items() if any(_matches(n, leaf) for leaf in leaves))
+        names = [a for a in aliases.values() if a] + list(leaves if exact else norms)
+    out = []
+    for name in names:
+        name = aliases.get(name) or name
+        if not any(_matches(n, name) for n in modules):
+            emb = ", ".join(f"{k}: {v}" for k, v in aliases.items() if v)
+            norms = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _is_norm(m)})
+            raise InputError(f"model.lora.modules_to_save: {name!r} matches no module of {type(model).__name__} "
+                             f"(its embeddings: {emb}; its norm layers: {', '.join(norms) or 'none'}); name modules "
+                             f"it has, or leave the key null for the embeddings and every norm layer")
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> nn.Module:
     """Wrap ``model`` in a ``peft`` LoRA model (``bias="none"``, task CAUSAL_LM, peft's init:
-    A kaiming-uniform, B zero); the ``modules_to_save`` are trained in full."""
+    A kaiming-uniform, B zero); the `modules_to_save` are trained in full (tied input and output
+    embeddings stay tied: one trained copy)."""
     from peft import LoraConfig, get_peft_model
 
+    save = modules_to_save(model, None if lora.modules_to_save is None else list(lora.modules_to_save))
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         task_type="CAUSAL_LM", target_modules=list(lora.target_modules),
-                        modules_to_save=list(lora.modules_to_save) or None)
+                        modules_to_save=save or None, ensure_weight_tying=tied)
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # e.g. peft's NoMatchingPeftModuleError: no module matches target_modules
         raise InputError(f"model.lora.target_modules {list(lora.target_modules)} / modules_to_save "
-                         f"{list(lora.modules_to_save)}: {e}") from None
+                         f"{save}: {e}") from None
 
 
 def is_peft(model: nn.Module) -> bool:

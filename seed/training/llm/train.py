@@ -18,8 +18,10 @@ one process):
    2 processes x B), divided by ``grad_accum``; clip; step; schedule. A non-finite loss stops the
    run before the update (exit status 3), keeping the last good checkpoint.
 6. ``OUT/metrics.jsonl`` per step (``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``,
-   ``padding``, ``truncated`` (share of the step's samples cut by ``max_length``), ``sources``; on
-   checkpoint steps ``data``: the per-source counts of rows, samples, dropped, bad rows and
+   ``padding``, ``truncated`` (share of the step's samples cut by ``max_length``), ``sources``,
+   ``learned_tokens``, ``empty_micro_batches``: micro-batches without a learned token, warned; a
+   run in which no step learned anything is an `InputError` before its last checkpoint and export;
+   on checkpoint steps ``data``: the per-source counts of rows, samples, dropped, bad rows and
    truncated samples); checkpoints ``OUT/checkpoints/step_XXXXXXXX/`` (trainable tensors by
    name + optimizer, scheduler, data position, every rank's RNG states); at the end ``OUT/export/``
    (`seed.training.llm.model.export`).
@@ -249,9 +251,22 @@ def _train(run: Run, codes_record: dict | None = None) -> dict:
                       d.device, image_tokenizer=codes_record["image_tokenizer"])
     val = build_val(cfg, tokenizer, d, data)
 
+    # learned tokens over the whole run (saved; an older checkpoint without the count: assume some)
+    learned_total = int(run.state.get("learned_tokens", 1)) if run.resumed else 0
+    empty_total = empty_steps = 0
+
+    def check_learned(at: int) -> None:
+        """A run whose every micro-batch had no learned token trained nothing: an error, no export."""
+        if at > 0 and learned_total == 0:
+            raise InputError(
+                f"no step of this run learned anything: in steps 1-{at} every micro-batch had no learned token "
+                f"(every label -100 after the shift), so the loss and the gradients were 0. Usually data.max_length "
+                f"(or a source's max_length) cuts every answer away, or the format learns nothing; check them "
+                f"against your samples. Nothing exported")
+
     def save(at: int) -> None:
         state = {"optimizer": _optimizer_state(net, optimizer, fsdp), "scheduler": scheduler.state_dict(),
-                 "schedule_steps": schedule, "data": data.state_dict()}
+                 "schedule_steps": schedule, "data": data.state_dict(), "learned_tokens": learned_total}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         run.save(at, _full_trainable(net, fsdp), state)
@@ -262,7 +277,7 @@ def _train(run: Run, codes_record: dict | None = None) -> dict:
     while step < t.max_steps:
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        losses, tokens, real, slots, sources = [], 0, 0, 0, Counter()
+        losses, tokens, real, slots, sources, empty = [], 0, 0, 0, Counter(), 0
         before = data.counts()
         for micro in range(t.grad_accum):
             batch = next(data, None)
@@ -276,6 +291,7 @@ def _train(run: Run, codes_record: dict | None = None) -> dict:
                                      amp=amp, scaler=scaler)
             losses.append(loss)
             tokens += n
+            empty += int(n == 0)  # nothing learned in this global micro-batch (it adds nothing to the gradient)
             mask = batch["attention_mask"]
             real += int(_all_sum(mask.sum().to(torch.float64), d.world_size).item())
             slots += int(mask.numel()) * d.world_size
@@ -285,6 +301,14 @@ def _train(run: Run, codes_record: dict | None = None) -> dict:
             logger.warning("step %d: every data source has run out of its cycle passes; stopping", step + 1)
             break
         loss = sum(losses) / len(losses)
+        learned_total += tokens
+        if empty:
+            empty_total += empty
+            empty_steps += 1
+            if empty_steps <= 10 or empty_steps % 100 == 0:  # the first 10 such steps, then every 100th
+                logger.warning("step %d: %d of %d micro-batch(es) had no learned token (%d so far): every answer cut "
+                               "away by max_length, or nothing marked learned; they add nothing to the gradient",
+                               step + 1, empty, len(losses), empty_total)
         run.check_finite(step + 1, {"loss": loss})
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -301,7 +325,7 @@ def _train(run: Run, codes_record: dict | None = None) -> dict:
         after = data.counts()
         cut, seen = (sum(after[k][c] - before[k][c] for k in after) for c in ("truncated", "samples"))
         last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": real,
-                "learned_tokens": tokens, "tokens_per_s": real / dt if dt > 0 else 0.0,
+                "learned_tokens": tokens, "empty_micro_batches": empty, "tokens_per_s": real / dt if dt > 0 else 0.0,
                 "padding": 1.0 - real / slots if slots else 0.0, "truncated": cut / seen if seen else 0.0,
                 "sources": dict(sources)}
         if val is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
@@ -309,8 +333,11 @@ def _train(run: Run, codes_record: dict | None = None) -> dict:
         if run.save_due(step):
             last["data"] = data.counts()  # rows read, samples, dropped, bad rows, batches, passes, truncated
         run.log(last)
+        if step == t.max_steps:
+            check_learned(step)
         if run.save_due(step):
             save(step)
+    check_learned(step)
     if step > run.start_step and not run.save_due(step):  # stopped early: the data ran out
         save(step)
     export = None

@@ -281,8 +281,9 @@ def run_mode(args) -> int:
     opt = O.HFAdamW(O.param_groups(named, 0.05), lr=0.0, betas=(0.9, 0.95), eps=1e-5)
     params = [p for _, p in named]
     amp = autocast_dtype(device, "bf16" if dtype == "bfloat16" else "fp16" if dtype == "float16" else "fp32", dtype)
-    batches = list(build_data(cfg, tokenizer, 0, 1, None))
-    samples = sum(len(b["source"]) for b in batches)
+    data = build_data(cfg, tokenizer, 0, 1, None)
+    batches = list(data)
+    samples = data.counts()["pairs"]["samples"]
 
     def sync() -> None:
         if device.type == "cuda":

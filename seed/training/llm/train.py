@@ -205,7 +205,7 @@ def _train(run: Run) -> dict:
     model.to(d.device)
     model.train()
     net = loss_model(model, t.loss_chunk)  # the same parameter names as model
-    net = _wrap(net, model, t.parallel, d) if d.world_size > 1 else net
+    net = _wrap(model, t.parallel, d, net) if d.world_size > 1 else net
     fsdp = t.parallel == "fsdp" and d.world_size > 1
     named = M.trainable_named_parameters(net if fsdp else model)
     groups = O.param_groups(named, t.weight_decay, dict(model.named_modules()))
@@ -308,10 +308,11 @@ def _copy_sentencepiece(tokenizer: Any, out: Path) -> None:
 
 # --- parallelism ---------------------------------------------------------------------------------
 
-def _wrap(net: torch.nn.Module, model: torch.nn.Module, parallel: str, d) -> torch.nn.Module:
-    """``net`` (``model`` or its `ChunkedLossLM`: what runs the whole forward) in DDP, or FSDP2
-    (``fully_shard`` on every decoder layer of ``model``, then on ``net``: parameters, gradients and
-    optimizer state sharded across ranks; gloo on the CPU, NCCL on GPUs)."""
+def _wrap(model: torch.nn.Module, parallel: str, d, net: torch.nn.Module | None = None) -> torch.nn.Module:
+    """``net`` (``model`` or its `ChunkedLossLM`: what runs the whole forward; None: ``model``) in
+    DDP, or FSDP2 (``fully_shard`` on every decoder layer of ``model``, then on ``net``: parameters,
+    gradients and optimizer state sharded across ranks; gloo on the CPU, NCCL on GPUs)."""
+    net = model if net is None else net
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="--compare: the modes to run")
     ap.add_argument("--samples", type=int, default=64, help="--compare: caption pairs (every mode the same ones)")
     ap.add_argument("--tokenizer", default=None, help="--compare: an HF tokenizer folder (default: seed's tiny one)")
-    ap.add_argument("--loss-chunk", default="1024", help="--compare: train.loss_chunk (tokens; none: HF's whole-logits loss)")
+    ap.add_argument("--loss-chunk", default="1024",
+                    help="--compare: train.loss_chunk (tokens; none: HF's whole-logits loss)")
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="--compare: LoRA dropout (recipe 0.05)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--run-mode", default=None, help=argparse.SUPPRESS)  # --compare's subprocess: one mode
@@ -208,7 +209,8 @@ def compare(args) -> int:
         for mode in args.modes:
             proc = subprocess.run([*base, "--run-mode", mode], env=env, capture_output=True, text=True)
             if proc.returncode != 0:
-                print(f"error: mode {mode} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}", file=sys.stderr)
+                print(f"error: mode {mode} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}",
+                      file=sys.stderr)
                 return proc.returncode if proc.returncode == 2 else 1
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     settings = {k: results[args.modes[0]].pop(k) for k in list(results[args.modes[0]]) if k.startswith("_")}

@@ -106,6 +106,19 @@ def test_resume_after_kill_is_bit_exact(straight, tmp_path):
         assert torch.equal(v["exp_avg_sq"], sb["optimizer"]["state"][k]["exp_avg_sq"])
 
 
+def test_plain_loss_setting_gives_the_same_run(straight, tmp_path):
+    """train.loss_chunk=null (HF's loss over the whole logits) trains the same run as the recipe's
+    chunked loss: the same losses and gradient norms within float rounding, the same data."""
+    out = tmp_path / "plain"
+    assert train(f"train.output_dir={out}", "train.loss_chunk=null", "train.export=false") == 0
+    a, b = metrics(straight), metrics(out)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert (x["tokens"], x["learned_tokens"]) == (y["tokens"], y["learned_tokens"])
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
 def test_resume_refuses_other_model_or_data(straight, tmp_path, caplog):
     import shutil
 
@@ -224,7 +237,7 @@ def test_bad_configs_are_input_errors_naming_the_key():
     from seed.training.llm.config import load_llama_train_config
 
     for override, key in (("model.tiny.heads=3", "model.tiny.heads"), ("train.lr=[1,", "train.lr"),
-                          ("train.schedule_steps=0", "train.schedule_steps")):
+                          ("train.schedule_steps=0", "train.schedule_steps"), ("train.loss_chunk=0", "train.loss_chunk")):
         with pytest.raises(InputError, match=key):
             load_llama_train_config(PRETRAIN, override)
     with pytest.raises(InputError, match="model.lora.target_modules"):

@@ -81,6 +81,10 @@ class LlmTrainSection(RunSection):
     """Micro-batches per optimizer step (each micro-batch's loss is its own token mean, divided by this)."""
     precision: str = "bf16"
     """Autocast dtype on CUDA: bf16, fp16 (with a GradScaler) or fp32; on the CPU always fp32."""
+    loss_chunk: Optional[int] = 1024
+    """The loss's logits are computed this many learned tokens at a time and recomputed in backward
+    (`seed.training.llm.loss`: never the whole [tokens, V] logits; the same loss within float
+    rounding); null: HF's plain loss over the whole [B, T, V] logits."""
     parallel: str = "ddp"
     """ddp (torchrun data parallel, every rank holds the model) or fsdp (FSDP2: parameters, gradients
     and optimizer state sharded across ranks, for 7B-14B; see docs/llm_training.md)."""
@@ -142,6 +146,7 @@ def check_llama_train_config(cfg: DictConfig, where: str = "config") -> None:
         (t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null"),
         (t.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
         (t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}"),
+        (t.loss_chunk is None or t.loss_chunk >= 1, "train.loss_chunk", "tokens per chunk, >= 1, or null (the plain loss)"),
         (t.parallel in PARALLEL, "train.parallel", f"must be one of {PARALLEL}"),
         (t.save_every >= 1, "train.save_every", "must be >= 1"),
         (t.log_every >= 1, "train.log_every", "must be >= 1"),

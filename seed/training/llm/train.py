@@ -16,7 +16,9 @@ one process):
 5. The step: ``grad_accum`` micro-batches, each loss the token mean of its GLOBAL micro-batch
    (sum over all ranks' learned tokens / their count: the same number for 1 process x 2B and
    2 processes x B), divided by ``grad_accum``; clip; step; schedule. A non-finite loss stops the
-   run before the update (exit status 3), keeping the last good checkpoint.
+   run before the update (exit status 3), keeping the last good checkpoint. The loss's logits are
+   computed ``train.loss_chunk`` learned tokens at a time (`seed.training.llm.loss`; null: HF's
+   plain loss over the whole logits).
 6. ``OUT/metrics.jsonl`` per step (``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``,
    ``padding``, ``truncated`` (share of the step's samples cut by ``max_length``), ``sources``,
    ``learned_tokens``, ``empty_micro_batches``: micro-batches without a learned token, warned; a
@@ -53,6 +55,7 @@ from ..run import Run, unwrap
 from . import model as M
 from . import optim as O
 from .config import LlamaTrainConfig, check_llama_train_config
+from .loss import loss_model
 
 logger = logging.getLogger(__name__)
 
@@ -135,19 +138,28 @@ def micro_step(model: torch.nn.Module, batch: dict, *, world: int, scale: float,
     The loss is the token mean over the GLOBAL micro-batch's learned tokens (labels != -100 after
     the shift), times ``world`` (DDP averages gradients over ranks) and ``scale`` (1/grad_accum).
     Returns (the global micro-batch's token-mean loss, its learned-token count). A micro-batch
-    without a learned token contributes nothing (the original's token mean would be NaN)."""
+    without a learned token contributes nothing (the original's token mean would be NaN).
+
+    ``model``: the HF/peft model, or `seed.training.llm.loss.ChunkedLossLM` (the loss without the
+    whole logits), or either in DDP/FSDP. ``batch["position_ids"]`` (packed rows), when present, is
+    passed on. The model's outputs are released before ``backward()`` (as the original's
+    ``compute_loss``): only the loss tensor stays."""
     ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
-    packed = {"position_ids": batch["position_ids"].to(device, non_blocking=True)} if "position_ids" in batch else {}
+    extra = {}
+    if batch.get("position_ids") is not None:
+        extra["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
     n_local = (labels[:, 1:] != -100).sum()
     n_global = _all_sum(n_local.detach().to(torch.float64), world)
     count = int(n_global.item())
     with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-        out = model(input_ids=ids, labels=labels, use_cache=False, **packed,
-                    num_items_in_batch=torch.tensor(float(max(count, 1)), device=device))
-    loss = out.loss * world * scale
+        out = model(input_ids=ids, labels=labels, use_cache=False,
+                    num_items_in_batch=torch.tensor(float(max(count, 1)), device=device), **extra)
+    loss = out.loss
+    del out  # the logits ([B, T, V]) of the plain loss go before backward
+    reported = _all_sum(loss.detach().double(), world)
+    loss = loss * world * scale
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    reported = _all_sum(out.loss.detach().double(), world)
     return float(reported.item()), count
 
 
@@ -230,7 +242,8 @@ def _train(run: Run, codes_record: dict | None = None) -> dict:
     if (dc.train and dc.pack) or any(dc.pack if s.pack is None else s.pack for s in dc.sources):
         M.check_packing(model, autocast_dtype(d.device, t.precision, cfg.model.dtype))  # before any wrapper
     flat = M.flat_packing(model)  # flash-attention: packed rows go in as one row
-    net = _wrap(model, t.parallel, d) if d.world_size > 1 else model
+    net = loss_model(model, t.loss_chunk)  # the same parameter names as model
+    net = _wrap(model, t.parallel, d, net) if d.world_size > 1 else net
     fsdp = t.parallel == "fsdp" and d.world_size > 1
     named = M.trainable_named_parameters(net if fsdp else model)
     groups = O.param_groups(named, t.weight_decay, dict(model.named_modules()))
@@ -348,7 +361,7 @@ def _train(run: Run, codes_record: dict | None = None) -> dict:
         if fsdp:  # a whole copy on the CPU from the gathered tensors
             model = build(cfg, tokenizer)
             load_trainable(model, gathered, "the trained FSDP model")
-        M.export(unwrap(net) if not fsdp else model, tokenizer, tmp, dtype=t.export_dtype or cfg.model.dtype,
+        M.export(model, tokenizer, tmp, dtype=t.export_dtype or cfg.model.dtype,
                  in_place=True)
         _copy_sentencepiece(tokenizer, tmp)
         _write_codes_record(tmp, codes_record)
@@ -382,20 +395,22 @@ def _copy_sentencepiece(tokenizer: Any, out: Path) -> None:
 
 # --- parallelism ---------------------------------------------------------------------------------
 
-def _wrap(model: torch.nn.Module, parallel: str, d) -> torch.nn.Module:
-    """DDP, or FSDP2 (``fully_shard`` on every decoder layer, then on the whole model: parameters,
+def _wrap(model: torch.nn.Module, parallel: str, d, net: torch.nn.Module | None = None) -> torch.nn.Module:
+    """``net`` (``model`` or its `ChunkedLossLM`: what runs the whole forward; None: ``model``) in
+    DDP, or FSDP2 (``fully_shard`` on every decoder layer of ``model``, then on ``net``: parameters,
     gradients and optimizer state sharded across ranks; gloo on the CPU, NCCL on GPUs)."""
+    net = model if net is None else net
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        return DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
     base = model.get_base_model() if M.is_peft(model) else model
     for layer in base.model.layers:
         fully_shard(layer)
-    fully_shard(model)
-    return model
+    fully_shard(net)
+    return net
 
 
 def _optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:

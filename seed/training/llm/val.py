@@ -98,8 +98,7 @@ class LlmValSet:
         """The token-mean loss of ``model`` over the whole set (collective: every rank calls it with
         its model; under FSDP pass the sharded model, under DDP the module inside). Every rank runs
         the same number of forwards (an empty share runs a 1-token batch that counts nothing)."""
-        # TODO(lead): this uses the model's plain forward loss (full logits); switch to the trainer's
-        # chunked loss once it exists, summing per-token losses instead of the token mean.
+        # ``model`` is what the trainer steps: with train.loss_chunk the `ChunkedLossLM` (no whole logits)
         was_training = model.training
         total = torch.zeros(2, dtype=torch.float64, device=device)
         pad = self.encoder.pad

@@ -32,6 +32,7 @@ import socket
 import tarfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD_LOCKS: weakref.WeakSet[OutputLock] = weakref.WeakSet()
+"""The `OutputLock` objects this process holds (closed in forked children, see `_drop_inherited_locks`)."""
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, any ``fork``): close the inherited lock files.
+
+    ``flock`` belongs to the open file, which a fork shares: a worker keeping its copy would hold
+    the folder after its parent was killed (until the worker notices, seconds later), and a rerun
+    would be refused naming the dead pid. Closing the copy (never ``LOCK_UN``, which would unlock
+    the parent too) ties the lock to the process that took it.
+    """
+    for lock in list(_HELD_LOCKS):
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class OutputLock:
     """``OUT/.lock``: one run at a time per output folder.
 
@@ -358,7 +384,9 @@ class OutputLock:
     gone (no flock held and its pid dead on this host, or an empty file after a clean exit) is
     taken over; a lock left by a process on another host, which this host cannot check, is
     refused with how to clear it. The file stays in place (emptied) after the run: removing it
-    could let two runs lock two different files.
+    could let two runs lock two different files. Forked children (DataLoader workers) do not
+    keep the lock: it ends with the process that took it, so a run killed with ``kill -9`` can be
+    rerun at once.
     """
 
     def __init__(self, out_dir: str | os.PathLike):
@@ -393,6 +421,7 @@ class OutputLock:
             os.close(fd)
             raise
         self.fd = fd
+        _HELD_LOCKS.add(self)
 
     @staticmethod
     def _read(fd: int) -> dict | None:
@@ -432,6 +461,7 @@ class OutputLock:
         finally:
             os.close(self.fd)
             self.fd = None
+            _HELD_LOCKS.discard(self)
 
     def __enter__(self) -> OutputLock:
         self.acquire()

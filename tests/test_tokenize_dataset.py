@@ -331,6 +331,34 @@ def test_second_run_is_locked_out_and_ctrl_c_leaves_complete_lines(tmp_path, par
     assert as_dict(rows(out, "codes"), "codes") == want
 
 
+def test_a_killed_run_with_workers_is_rerun_at_once(tmp_path, caplog):
+    """kill -9 of a run whose DataLoader workers are alive: the lock dies with the run (the workers
+    do not keep it), so an immediate rerun takes it over instead of naming the dead pid."""
+    src, out = tmp_path / "many", tmp_path / "out"
+    src.mkdir()
+    for i in range(60):
+        os.symlink(PHOTOS[i % len(PHOTOS)], src / f"img{i:03d}.png")
+    cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--input", str(src), "--output", str(out),
+           "--batch-size", "1", "--num-workers", "2", "--chunk-size", "20", *parity_overrides(PARITY)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        codes = out / "codes" / "000000.jsonl"
+        deadline = time.monotonic() + 120
+        while not (codes.is_file() and codes.stat().st_size > 0):  # the workers are decoding images
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        rc, printed, err = run(src, out, "--batch-size", "16")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, err[-3000:]
+    assert f"stale lock of pid {proc.pid}" in caplog.text
+    assert len(rows(out, "codes")) == 60
+
+
 def test_stale_lock_is_taken_over_and_another_hosts_is_refused(tmp_path, caplog):
     src, out = PHOTOS[0].parent, tmp_path / "out"
     out.mkdir()

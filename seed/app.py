@@ -687,6 +687,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove the generated images and return 0."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .hub import log_once
+
+    log_once()  # huggingface_hub's records once, through the handler above
     try:
         demo = demo_from_args(args)
     except (InputError, CheckpointError, FileNotFoundError, ImportError, OSError) as e:

@@ -100,7 +100,7 @@ _PASS_TOKENIZER = (f"pass the LM's tokenizer with tokenizer= (the script: --toke
                    f"{SEED_LLAMA_TOKENIZER} (--tokenizer {SEED_LLAMA_TOKENIZER})")
 
 
-def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+def _load_tokenizer(source: str | Path, local_files_only: bool = False) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(source)``; a SentencePiece folder without sentencepiece or
     protobuf installed is a clear ImportError (transformers would blame tiktoken); a folder without
     tokenizer files, or one transformers cannot read, is a `CheckpointError` naming it."""
@@ -116,7 +116,7 @@ def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
             raise ImportError(f"the tokenizer in {folder} is a SentencePiece model (tokenizer.model): it needs "
                               "sentencepiece and protobuf: pip install sentencepiece protobuf")
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        return AutoTokenizer.from_pretrained(str(source), **({"local_files_only": True} if local_files_only else {}))
     except (OSError, ValueError) as e:  # ImportError is neither: a missing package stays an ImportError
         if "sentencepiece or tiktoken" in str(e):  # transformers found no vocabulary it can read
             e = f"no tokenizer.json, and no vocabulary transformers can convert; {_PASS_TOKENIZER}"
@@ -475,12 +475,14 @@ class SeedLlama:
             image_tokenizer = "seed2_tiny" if tiny else "seed2_tokenizer"
         if not tiny:
             _check_source(llm_name, "llm")
+            if _hub_only(llm_name, "llm") and "local_files_only" not in model_kwargs:
+                model_kwargs["local_files_only"] = True  # the Hub is unreachable; the cache has it
         if isinstance(tokenizer, (str, Path)) or tokenizer is None:
             source = tokenizer if tokenizer is not None else (
                 TINY_LLAMA_TOKENIZER if tiny else
                 SEED_LLAMA_TOKENIZER if str(llm_name).startswith("AILab-CVC/seed-llama") else llm_name)
             _check_source(source, "tokenizer")
-            tokenizer = _load_tokenizer(source)
+            tokenizer = _load_tokenizer(source, local_files_only=_hub_only(source, "tokenizer"))
         if tiny:
             pipe = cls(lambda: tiny_llama(len(tokenizer)), tokenizer, image_tokenizer, template=template,
                        system=system, constrain_images=constrain_images)
@@ -796,6 +798,21 @@ def _check_source(name: str | Path, what: str) -> None:
     if looks_local and not Path(s).expanduser().exists():
         raise CheckpointError(f"{what}: {s} does not exist (give a folder or a Hugging Face Hub id such as "
                               "AILab-CVC/seed-llama-8b-sft)")
+
+
+def _hub_only(name: str | Path, what: str) -> bool:
+    """For a Hub id (not a folder): `seed.hub.hub_access` (fails at once without network and cache;
+    True: read the cache only). A folder or a name that is no repo id: False."""
+    from huggingface_hub.errors import HFValidationError
+
+    from .hub import hub_access
+
+    if isinstance(name, Path) or Path(str(name)).expanduser().exists():
+        return False
+    try:
+        return hub_access(str(name), what)
+    except HFValidationError:
+        return False  # not a repo id: transformers says what is wrong with it
 
 
 def _image_tokenizer_loader(spec: Any) -> Any:

@@ -95,6 +95,26 @@ def test_overrides_with_a_saved_folder_say_they_apply_to_configs(demo, tmp_path,
     assert saved.tokenizer.cfg.diffusion.steps == STEPS  # the folder's own config
 
 
+def test_a_hub_id_without_network_is_one_line_at_once(tmp_path):
+    """demo_app.py with a Hub id and no network (HF_ENDPOINT refuses connections, empty cache):
+    exit 2 with one line naming the model and how to work offline, no retries."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "demo_app.py"), "--llm", "someone/some-llm", "--config",
+                           str(TINY2)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 2, printed
+    assert printed.count("\n") == 1 and printed.startswith("error: llm: cannot load 'someone/some-llm': the network "
+                                                           "or the Hugging Face Hub (http://127.0.0.1:9) is unreachable")
+    assert "HF_HUB_OFFLINE=1" in printed and "local folder" in printed and "Retrying" not in printed
+
+
 def test_parse_codes_reads_every_pasted_form_and_names_bad_tokens():
     assert parse_codes("[1, 2, 3]") == parse_codes("1 2 3") == parse_codes("1,2;\n3") == [1, 2, 3]
     for text, match in (("", "paste 32 integers"), ("1 2 x3", "'x3' is not an integer"), ("1.5", "not an integer")):

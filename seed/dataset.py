@@ -523,15 +523,12 @@ def model_fingerprint(cfg: Any, vision_dtype: str, saved_folder: str | os.PathLi
         return {"model": OmegaConf.to_container(cfg.model, resolve=True),
                 "weights": {WEIGHTS_NAME: file_identity(Path(saved_folder) / WEIGHTS_NAME)},
                 "vision_dtype": vision_dtype}
+    from .checkpoint import check_weights
+
+    check_weights(cfg, diffusion=False)  # a CheckpointError listing every missing file and how to get it
     weights = {}
     for name, path in OmegaConf.to_container(cfg.checkpoints, resolve=True).items():
-        if path is None:
-            weights[name] = None
-            continue
-        p = resolve_path(path)
-        if not p.is_file():
-            raise InputError(f"checkpoints.{name}: weight file not found: {p}")
-        weights[name] = file_identity(p)
+        weights[name] = None if path is None else file_identity(resolve_path(path))
     return {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": weights,
             "vision_dtype": vision_dtype}
 

@@ -359,6 +359,28 @@ def test_a_killed_run_with_workers_is_rerun_at_once(tmp_path, caplog):
     assert len(rows(out, "codes")) == 60
 
 
+def test_missing_weights_say_where_they_were_looked_for_and_how_to_get_them(tmp_path, monkeypatch):
+    """The one missing-weights message (seed.checkpoint.check_weights, as demo_recon.py): every
+    missing file with the absolute path looked at and how to get it, and the tiny config; exit 2,
+    before the model loads, no output folder contents."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    rc, _, err = run(PHOTOS[0].parent, out, config=ROOT / "configs" / "seed2_tokenizer.yaml",
+                     overrides=["checkpoints.vision=nowhere/eva_vit_g.pth", "checkpoints.quantizer=nowhere/q.pt"])
+    assert rc == 2 and err.startswith("error: 2 weight file(s) missing:\n"), err
+    lines = err.splitlines()
+    assert f"  - checkpoints.vision: {tmp_path / 'nowhere' / 'eva_vit_g.pth'} is missing. " in lines[1]
+    assert "scripts/download_weights.py" in lines[1]
+    assert f"checkpoints.quantizer: {tmp_path / 'nowhere' / 'q.pt'} is missing" in lines[2]
+    assert lines[3] == "See pretrained/README.md, or try the tiny random model: --config configs/seed2_tiny.yaml"
+    assert not (out / "codes").exists()
+    cfg = seed.load_config("seed2_tokenizer", "checkpoints.vision=nowhere/eva_vit_g.pth",
+                           "checkpoints.quantizer=nowhere/q.pt")
+    with pytest.raises(seed.CheckpointError) as e:  # what evaluate.py, seed_llama.py and the web demo load with
+        seed.Tokenizer.from_config(cfg)
+    assert str(e.value) == err.removeprefix("error: ").rstrip("\n")
+
+
 def test_stale_lock_is_taken_over_and_another_hosts_is_refused(tmp_path, caplog):
     src, out = PHOTOS[0].parent, tmp_path / "out"
     out.mkdir()

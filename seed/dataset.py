@@ -320,6 +320,16 @@ def collate(rows: list[dict]) -> dict:
     }
 
 
+def default_workers(most: int = 4) -> int:
+    """DataLoader worker processes by default: the CPUs this process may use (``os.sched_getaffinity``,
+    as torch's "suggested max number of worker" check), at most ``most``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(most, cpus))
+
+
 def _worker_init(_: int) -> None:
     """DataLoader workers leave Ctrl-C to the main process, which stops the run cleanly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -794,7 +804,7 @@ def _mark_done(out: Path, c: _Chunk, chunk: Sequence[Item]) -> None:
 
 
 def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk_size: int, rank: int = 0,
-                   world_size: int = 1, batch_size: int = 64, num_workers: int = 4, fmt: str = "codes",
+                   world_size: int = 1, batch_size: int = 64, num_workers: int | None = None, fmt: str = "codes",
                    progress: bool = True) -> Summary:
     """Tokenize this rank's chunks of ``items`` (sorted, as from `discover`) into ``out_dir``.
 
@@ -803,7 +813,8 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
     or ``"text"`` with ``fmt="text"``, both with ``"codes+text"``; a JSONL input row's other
     fields come after ``image``) and ``errors/K.jsonl`` (``{"image": id, "error": message}``; a
     row whose fields would be overwritten by the output's goes there too), and ``done/K.json``
-    marks it finished. ``fmt`` must fit the model (`check_format`). Rows already
+    marks it finished. ``fmt`` must fit the model (`check_format`). ``num_workers``: DataLoader
+    processes decoding images (default `default_workers`). Rows already
     in the folder are skipped. The folder must have been prepared (`prepare_output`) under
     `OutputLock`. A KeyboardInterrupt stops between writes: every line on disk is complete.
     """
@@ -827,6 +838,7 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
     fields = {it.id: it.fields for it in todo if it.fields and it.error is None}
     chunks = {c.k: c for c in plan}
     remaining = {c.k: len(c.todo) for c in plan}
+    num_workers = default_workers() if num_workers is None else num_workers
     num_workers = min(num_workers, -(-len(todo) // batch_size))  # no idle workers for a small share
     resample = tok.cfg.model.get("image_resample", "bicubic")  # SEED-1 bicubic, SEED-2 bilinear
     loader = DataLoader(ImageDataset(todo, tok.image_size, [c.k for c in plan for _ in c.todo], resample),

@@ -381,6 +381,28 @@ def test_missing_weights_say_where_they_were_looked_for_and_how_to_get_them(tmp_
     assert str(e.value) == err.removeprefix("error: ").rstrip("\n")
 
 
+def test_default_workers_are_what_the_machine_has(tmp_path):
+    """Without --num-workers, a process allowed one CPU starts one DataLoader worker: torch does
+    not warn that it would create more than the suggested maximum."""
+    src, out = tmp_path / "some", tmp_path / "out"
+    src.mkdir()
+    for i in range(8):
+        os.symlink(PHOTOS[i % len(PHOTOS)], src / f"img{i}.png")
+    cpu = min(os.sched_getaffinity(0))
+    cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--input", str(src), "--output", str(out),
+           "--batch-size", "1", *parity_overrides(PARITY)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "suggested max number of worker" not in proc.stderr, proc.stderr[-3000:]
+    assert len(rows(out, "codes")) == 8
+    with mock.patch("os.sched_getaffinity", return_value=set(range(16))):
+        assert seed.dataset.default_workers() == 4
+    with mock.patch("os.sched_getaffinity", return_value={0, 1}):
+        assert seed.dataset.default_workers() == 2
+
+
 def test_stale_lock_is_taken_over_and_another_hosts_is_refused(tmp_path, caplog):
     src, out = PHOTOS[0].parent, tmp_path / "out"
     out.mkdir()

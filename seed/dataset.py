@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 """File (and tar member) name endings taken as images, case-insensitive; other files are ignored."""
 
+PROGRESS_LOG_S = 30.0
+"""Seconds between progress lines when stderr is not a terminal (a log file, a scheduler), where a
+progress bar would leave fragments between the log lines."""
+
 MAX_CHUNK_SIZE = 10_000
 """The default chunk size for large inputs: a resume reads at most this many rows per unfinished chunk."""
 
@@ -481,6 +485,11 @@ class OutputLock:
         self.release()
 
 
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min``, ``2.5 h``."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def chunk_file(out_dir: str | os.PathLike, kind: str, k: int) -> Path:
     """``OUT/codes/000012.jsonl``, ``OUT/errors/000012.jsonl`` or the marker ``OUT/done/000012.json``."""
     return Path(out_dir) / kind / f"{k:06d}.json{'' if kind == 'done' else 'l'}"
@@ -845,8 +854,12 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                         pin_memory=tok.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None)
     writers: dict[int, tuple[JsonlWriter, JsonlWriter]] = {}
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"rank {rank}/{world_size}",
+    import sys
+
+    on_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    bar = tqdm(total=len(todo), unit="img", disable=not (progress and on_terminal), desc=f"rank {rank}/{world_size}",
                dynamic_ncols=True)
+    seen, last_log = 0, time.perf_counter()
     try:
         for batch in loader:
             rows: dict[int, tuple[list[dict], list[dict]]] = {}
@@ -878,6 +891,14 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
             summary.done += len(batch["ids"])
             summary.failed += len(batch["errors"])
             bar.update(len(batch["ids"]) + len(batch["errors"]))
+            seen += len(batch["ids"]) + len(batch["errors"])
+            now = time.perf_counter()
+            if progress and not on_terminal and now - last_log >= PROGRESS_LOG_S and seen < len(todo):
+                last_log = now  # one readable line per interval instead of a bar
+                rate = seen / max(now - start, 1e-9)
+                logger.info("rank %d/%d: %d/%d images (%.1f%%), %d failed, %.1f images/s, about %s left", rank,
+                            world_size, seen, len(todo), 100 * seen / len(todo), summary.failed, rate,
+                            _duration((len(todo) - seen) / max(rate, 1e-9)))
     finally:
         bar.close()
         for pair in writers.values():

@@ -403,6 +403,22 @@ def test_default_workers_are_what_the_machine_has(tmp_path):
         assert seed.dataset.default_workers() == 2
 
 
+def test_progress_off_a_terminal_is_log_lines(tmp_path, caplog):
+    """stderr not a terminal (here a StringIO; a log file, a scheduler): no progress bar fragments
+    between the log lines, one readable progress line per interval instead."""
+    src, out = tmp_path / "some", tmp_path / "out"
+    src.mkdir()
+    for i in range(6):
+        os.symlink(PHOTOS[i % len(PHOTOS)], src / f"img{i}.png")
+    with caplog.at_level("INFO", logger="seed.dataset"), mock.patch.object(seed.dataset, "PROGRESS_LOG_S", 0.0):
+        rc, _, err = run(src, out, "--batch-size", "2", "--num-workers", "0")
+    assert rc == 0, err
+    assert "img/s" not in err and "\r" not in err and "|" not in err, err  # no tqdm
+    progress = [r.getMessage() for r in caplog.records if "images/s, about" in r.getMessage()]
+    assert [p.split(" images")[0] for p in progress] == ["rank 0/1: 2/6", "rank 0/1: 4/6"], progress
+    assert re.fullmatch(r"rank 0/1: 2/6 images \(33\.3%\), 0 failed, [\d.]+ images/s, about \d+ s left", progress[0])
+
+
 def test_stale_lock_is_taken_over_and_another_hosts_is_refused(tmp_path, caplog):
     src, out = PHOTOS[0].parent, tmp_path / "out"
     out.mkdir()

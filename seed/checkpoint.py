@@ -49,7 +49,7 @@ def missing_weights(cfg: Any, diffusion: bool = True) -> list[str]:
     for name, path in (cfg.get("checkpoints") or {}).items():
         p = resolve_path(path).absolute() if path is not None else None
         if p is not None and not p.is_file():
-            missing.append(f"checkpoints.{name}: {p} is missing. {missing_file_hint(p)}")
+            missing.append(f"checkpoints.{name}: {p} not found. {missing_file_hint(p)}")
     model = (cfg.get("diffusion") or {}).get("model") if diffusion else None
     if model is not None:
         from .diffusion import check_model_path, kind_of, seed_embed_shape  # diffusers: only when asked
@@ -71,7 +71,7 @@ def check_weights(cfg: Any, source: str | None = None, diffusion: bool = True) -
     model = cfg.get("model") or {}
     tiny = "seed2_tiny" if ((model.get("decoder") or {}).get("head") == "image") else "seed_tiny"
     raise CheckpointError(
-        f"{len(missing)} weight file(s) missing" + (f" for {source}" if source else "") + ":\n"
+        f"{len(missing)} weight file(s) not found" + (f" for {source}" if source else "") + ":\n"
         + "".join(f"  - {line}\n" for line in missing)
         + f"See pretrained/README.md, or try the tiny random model: --config configs/{tiny}.yaml")
 

@@ -475,14 +475,13 @@ class SeedLlama:
             image_tokenizer = "seed2_tiny" if tiny else "seed2_tokenizer"
         if not tiny:
             _check_source(llm_name, "llm")
-            if _hub_only(llm_name, "llm") and "local_files_only" not in model_kwargs:
-                model_kwargs["local_files_only"] = True  # the Hub is unreachable; the cache has it
         if isinstance(tokenizer, (str, Path)) or tokenizer is None:
             source = tokenizer if tokenizer is not None else (
                 TINY_LLAMA_TOKENIZER if tiny else
                 SEED_LLAMA_TOKENIZER if str(llm_name).startswith("AILab-CVC/seed-llama") else llm_name)
             _check_source(source, "tokenizer")
-            tokenizer = _load_tokenizer(source, local_files_only=_hub_only(source, "tokenizer"))
+            tokenizer = _load_tokenizer(source, local_files_only=_hub_only(
+                source, "llm" if str(source) == str(llm_name) else "tokenizer"))  # no network: fails at once
         if tiny:
             pipe = cls(lambda: tiny_llama(len(tokenizer)), tokenizer, image_tokenizer, template=template,
                        system=system, constrain_images=constrain_images)
@@ -504,6 +503,8 @@ class SeedLlama:
                     bnb_4bit_compute_dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16)
             if device_map is not None or quantized:
                 kwargs["device_map"] = device_map if device_map is not None else "auto"
+            if _hub_only(llm_name, "llm"):  # no network: fails at once; unreachable but cached: the cache
+                kwargs.setdefault("local_files_only", True)
             logger.info("loading the LM from %s (%s)", llm_name, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
             from safetensors import SafetensorError
 

@@ -125,6 +125,12 @@ def test_a_hub_id_without_network_fails_at_once_saying_how_to_work_offline(no_hu
                   "hf download someone/some-llm --local-dir", "scripts/download_weights.py", "HF_HUB_OFFLINE=1"):
         assert words in err, (words, err)
     assert "Retrying" not in err
+    from seed.llama import TINY_LLAMA_TOKENIZER
+
+    t = time.monotonic()  # the tokenizer from a folder: the LM (loaded before any turn) fails as fast
+    rc, _, err2 = run("--llm", "someone/some-llm", "--tokenizer", str(TINY_LLAMA_TOKENIZER), "--prompt", "hi",
+                      "--out", str(no_hub / "out"))
+    assert rc == 2 and time.monotonic() - t < 5 and err2 == err, err2
 
 
 def test_a_hub_tokenizer_without_network_fails_at_once(no_hub):

@@ -367,11 +367,11 @@ def test_missing_weights_say_where_they_were_looked_for_and_how_to_get_them(tmp_
     out = tmp_path / "out"
     rc, _, err = run(PHOTOS[0].parent, out, config=ROOT / "configs" / "seed2_tokenizer.yaml",
                      overrides=["checkpoints.vision=nowhere/eva_vit_g.pth", "checkpoints.quantizer=nowhere/q.pt"])
-    assert rc == 2 and err.startswith("error: 2 weight file(s) missing:\n"), err
+    assert rc == 2 and err.startswith("error: 2 weight file(s) not found:\n"), err
     lines = err.splitlines()
-    assert f"  - checkpoints.vision: {tmp_path / 'nowhere' / 'eva_vit_g.pth'} is missing. " in lines[1]
+    assert f"  - checkpoints.vision: {tmp_path / 'nowhere' / 'eva_vit_g.pth'} not found. " in lines[1]
     assert "scripts/download_weights.py" in lines[1]
-    assert f"checkpoints.quantizer: {tmp_path / 'nowhere' / 'q.pt'} is missing" in lines[2]
+    assert f"checkpoints.quantizer: {tmp_path / 'nowhere' / 'q.pt'} not found" in lines[2]
     assert lines[3] == "See pretrained/README.md, or try the tiny random model: --config configs/seed2_tiny.yaml"
     assert not (out / "codes").exists()
     cfg = seed.load_config("seed2_tokenizer", "checkpoints.vision=nowhere/eva_vit_g.pth",

@@ -19,27 +19,9 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 import seed
-from seed.checkpoint import missing_file_hint
-from seed.config import resolve_path
+from seed.checkpoint import check_weights
 
 HERE = Path(__file__).resolve().parent
-
-
-def missing_weights(cfg) -> list[str]:
-    """One line per weight file the config names that is not there, saying how to get it."""
-    from seed.diffusion import check_model_path, kind_of, seed_embed_shape  # diffusers: not for --help
-
-    missing = []
-    for name, path in (cfg.get("checkpoints") or {}).items():
-        if path is not None and not resolve_path(path).is_file():
-            missing.append(f"checkpoints.{name}: {resolve_path(path)} is missing. {missing_file_hint(resolve_path(path))}")
-    model = (cfg.get("diffusion") or {}).get("model")
-    if model is not None:
-        try:
-            check_model_path(model, kind_of(seed_embed_shape(cfg)))
-        except seed.CheckpointError as e:
-            missing.append(f"diffusion.model: {e}")
-    return missing
 
 
 def grid(row: list[Image.Image]) -> Image.Image:
@@ -73,14 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if absent:
         print(f"error: image file(s) not found: {', '.join(absent)}", file=sys.stderr)
         return 2
-    missing = missing_weights(cfg)
-    if missing:
-        print(f"error: {len(missing)} weight file(s) missing for {args.config}:", file=sys.stderr)
-        for line in missing:
-            print(f"  - {line}", file=sys.stderr)
-        tiny = "seed2_tiny" if cfg.model.decoder.get("head") == "image" else "seed_tiny"
-        print("See pretrained/README.md, or run the tiny random model: "
-              f"python demo_recon.py --config configs/{tiny}.yaml", file=sys.stderr)
+    try:
+        check_weights(cfg, args.config)  # the tokenizer's files and the diffusion model, before anything loads
+    except seed.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
     out = Path(args.out)

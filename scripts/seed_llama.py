@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # bad arguments exit 2 here, before anything loads
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from seed import CheckpointError, InputError
+    from seed.hub import log_once
+
+    log_once()
 
     loading: dict[str, Any] = {"template": args.template} if args.template else {}
     try:

@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              '{"image": path, ...} rows whose other fields are kept')
     parser.add_argument("--output", required=True, help="output folder (run.json, codes/, errors/, done/)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=64)
-    parser.add_argument("--num-workers", type=int_at_least(0), default=4, help="DataLoader processes decoding images")
+    parser.add_argument("--num-workers", type=int_at_least(0), default=None,
+                        help="DataLoader processes decoding images (default: the CPUs this process may use, at most 4)")
     parser.add_argument("--format", choices=("codes", "text", "codes+text"), default="codes",
                         help="codes: 32 ints per image; text: the SEED-LLaMA string <img><img_00012>...</img> "
                              "(seed.llm.codes_to_text; SEED-2 configs only); codes+text: both")

@@ -407,9 +407,11 @@ class Demo:
         state = gr.State(new_state())
         gr.Markdown(f"LM `{self.llm}`. Attach images with the clip, type, press Enter. Generated images can be "
                     "downloaded from the chat or the gallery below; their 32 codes are under *codes of image k*.")
-        chatbot = gr.Chatbot(elem_id="chatbot", height=460, placeholder="Ask about an image, or ask for one.",
-                             buttons=["copy"])
-        box = gr.MultimodalTextbox(elem_id="chat-input", file_types=["image"], file_count="multiple",
+        # Labels name the API's inputs and outputs (`Client.view_api()`). No file_types: Gradio's own
+        # check of a file's extension logs a traceback; the image reader's message names the file.
+        chatbot = gr.Chatbot(label="chat", show_label=False, elem_id="chatbot", height=460,
+                             placeholder="Ask about an image, or ask for one.", buttons=["copy"])
+        box = gr.MultimodalTextbox(label="message", elem_id="chat-input", file_count="multiple",
                                    placeholder="Message (attach images with the clip)", show_label=False,
                                    sources=["upload"])
         with gr.Row():
@@ -427,21 +429,26 @@ class Demo:
                 constrain = gr.Checkbox(value=True, label="Constrain image spans (off: as the original; "
                                                           "malformed spans are shown)")
                 template = gr.Dropdown(list(TEMPLATES), value=self.pipe.template, label="Prompt template (from the model)")
-        gallery = gr.Gallery(label="Generated images (download)", elem_id="chat-images", columns=8, height=160,
+        gallery = gr.Gallery(label="Generated images", elem_id="chat-images", columns=8, height=160,
                              preview=False, fit_columns=False, object_fit="contain",
                              buttons=["download", "fullscreen"])
         inputs = [box, state, force, temperature, top_p, max_new, seed, steps, constrain, template]
 
-        def chat(message, state, force, temperature, top_p, max_new, seed, steps, constrain, template,
+        # The parameter names are the API's (a client passes them by keyword; the state is the session's).
+        def chat(message, state, force_image, temperature, top_p, max_new_tokens, seed, steps, constrain, template,
                  progress=gr.Progress(track_tqdm=True)):  # a Progress default: Gradio reports it on the page
-            yield from self.chat(message, state, force, temperature, top_p, max_new, seed, steps, constrain, template,
-                                 progress=progress)
+            yield from self.chat(message, state, force_image, temperature, top_p, max_new_tokens, seed, steps,
+                                 constrain, template, progress=progress)
 
+        # One API endpoint per action (docs/web_demo.md): /chat, /undo, /clear.
         box.submit(chat, inputs, [chatbot, state, box, gallery], concurrency_limit=CHAT_CONCURRENCY,
-                   concurrency_id="chat", show_progress_on=[chatbot])
-        undo.click(self.undo, [state], [chatbot, state, gallery], queue=False)
-        clear.click(self.clear, None, [chatbot, state, gallery], queue=False)
-        chatbot.clear(self.clear, None, [chatbot, state, gallery], queue=False)  # the chat's own trash button
+                   concurrency_id="chat", show_progress_on=[chatbot], api_name="chat",
+                   api_description="One chat turn: the message (text and image files) with the settings; returns "
+                                   "the conversation, the message box's new value and the generated images.")
+        undo.click(self.undo, [state], [chatbot, state, gallery], queue=False, api_name="undo",
+                   api_description="Forget the last turn.")
+        gr.on([clear.click, chatbot.clear], self.clear, None, [chatbot, state, gallery], queue=False,
+              api_name="clear", api_description="Forget the whole conversation.")  # the button and the chat's trash
 
     def _tokenizer_tab(self, d: dict[str, Any]) -> None:
         import gradio as gr
@@ -449,10 +456,10 @@ class Demo:
         gr.Markdown("Upload an image to see its 32 codes and reconstructions, or paste 32 codes and decode them.")
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="tok-upload")
+                upload = gr.File(label="Image", type="filepath", elem_id="tok-upload")  # no file_types: see chat
                 encode = gr.Button("Encode and reconstruct", variant="primary", elem_id="encode")
-                codes = gr.Textbox(label="32 codes (edit or paste, then Decode codes)", lines=3, buttons=["copy"],
-                                   elem_id="codes")
+                codes = gr.Textbox(label="codes", info="32 codes: edit or paste, then Decode codes", lines=3,
+                                   buttons=["copy"], elem_id="codes")
                 decode = gr.Button("Decode codes", elem_id="decode")
                 with gr.Row():
                     seed = gr.Number(value=d["seed"], precision=0, label="Seed")
@@ -462,17 +469,20 @@ class Demo:
                 gallery = gr.Gallery(label="Input and reconstructions", elem_id="tok-images", columns=3,
                                      buttons=["download", "fullscreen"])
 
-        def encode_image(file, seed, steps, samples, progress=gr.Progress(track_tqdm=True)):
-            return self.encode_image(file, seed, steps, samples, progress=progress)
+        def encode_image(image, seed, steps, samples, progress=gr.Progress(track_tqdm=True)):
+            return self.encode_image(image, seed, steps, samples, progress=progress)
 
-        def decode_codes(text, seed, steps, samples, progress=gr.Progress(track_tqdm=True)):
-            return self.decode_codes(text, seed, steps, samples, progress=progress)
+        def decode_codes(codes, seed, steps, samples, progress=gr.Progress(track_tqdm=True)):
+            return self.decode_codes(codes, seed, steps, samples, progress=progress)
 
+        # One API endpoint per action, whichever control triggers it: /encode_image, /decode_codes.
         kw = {"concurrency_limit": TOKENIZER_CONCURRENCY, "concurrency_id": "tokenizer"}
-        encode.click(encode_image, [upload, seed, steps, samples], [codes, gallery], **kw)
-        upload.upload(encode_image, [upload, seed, steps, samples], [codes, gallery], **kw)
-        decode.click(decode_codes, [codes, seed, steps, samples], [gallery], **kw)
-        codes.submit(decode_codes, [codes, seed, steps, samples], [gallery], **kw)
+        gr.on([encode.click, upload.upload], encode_image, [upload, seed, steps, samples], [codes, gallery],
+              api_name="encode_image", api_description="An image file -> its 32 codes (text) and [the input, its "
+                                                       "reconstructions] (a gallery).", **kw)
+        gr.on([decode.click, codes.submit], decode_codes, [codes, seed, steps, samples], [gallery],
+              api_name="decode_codes", api_description="32 codes (text: [1, 2, ...], 1 2 ... or 1,2,...) -> "
+                                                       "their decoded images (a gallery).", **kw)
 
     def launch(self, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs: Any) -> Any:
         """Build, queue and serve the page (blocks unless ``prevent_thread_lock=True``)."""
@@ -696,7 +706,12 @@ def demo_from_args(args: argparse.Namespace) -> Demo:
                 load_in_4bit=args.load_in_4bit)
 
 
+_STOPPED_BY: list[str] = []
+"""The signal that stopped the server, for `main`'s last log line."""
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    _STOPPED_BY.append(signal.Signals(signum).name)
     raise KeyboardInterrupt  # Gradio closes the server on it; then main cleans up
 
 
@@ -705,6 +720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove the generated images and return 0."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .hub import log_once
+
+    log_once()  # huggingface_hub's records once, through the handler above
     try:
         demo = demo_from_args(args)
     except (InputError, CheckpointError, FileNotFoundError, ImportError, OSError) as e:
@@ -718,4 +736,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     finally:
         demo.close()
+    logger.info("stopped (%s): the server is closed and the generated images are removed",
+                _STOPPED_BY[-1] if _STOPPED_BY else "Ctrl-C")
     return 0

@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -40,6 +41,41 @@ def missing_file_hint(path: Path) -> str:
     return (f"Get it from {how}; put" if how else "Put") + f" it at {path} (see pretrained/README.md)."
 
 
+def missing_weights(cfg: Any, diffusion: bool = True) -> list[str]:
+    """One line per weight file ``cfg`` names that is not there: the key, the absolute path looked
+    at and how to get it (`missing_file_hint`). ``diffusion``: also ``diffusion.model`` (the
+    decoder's Stable Diffusion; not needed to encode)."""
+    missing = []
+    for name, path in (cfg.get("checkpoints") or {}).items():
+        p = resolve_path(path).absolute() if path is not None else None
+        if p is not None and not p.is_file():
+            missing.append(f"checkpoints.{name}: {p} not found. {missing_file_hint(p)}")
+    model = (cfg.get("diffusion") or {}).get("model") if diffusion else None
+    if model is not None:
+        from .diffusion import check_model_path, kind_of, seed_embed_shape  # diffusers: only when asked
+
+        try:
+            check_model_path(model, kind_of(seed_embed_shape(cfg)))
+        except CheckpointError as e:
+            missing.append(f"diffusion.model: {e}")
+    return missing
+
+
+def check_weights(cfg: Any, source: str | None = None, diffusion: bool = True) -> None:
+    """`CheckpointError` listing every weight file ``cfg`` (from config ``source``) names that is
+    missing (`missing_weights`), with how to get each and the tiny random config to try instead.
+    The one message for missing weights, for every script and `seed.Tokenizer.from_config`."""
+    missing = missing_weights(cfg, diffusion)
+    if not missing:
+        return
+    model = cfg.get("model") or {}
+    tiny = "seed2_tiny" if ((model.get("decoder") or {}).get("head") == "image") else "seed_tiny"
+    raise CheckpointError(
+        f"{len(missing)} weight file(s) not found" + (f" for {source}" if source else "") + ":\n"
+        + "".join(f"  - {line}\n" for line in missing)
+        + f"See pretrained/README.md, or try the tiny random model: --config configs/{tiny}.yaml")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict on the CPU.
 
@@ -48,7 +84,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     p = resolve_path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint file not found: {p}. {missing_file_hint(p)}")
+        raise CheckpointError(f"checkpoint file not found: {p.absolute()}. {missing_file_hint(p.absolute())}")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: the file is empty (an interrupted download?). {missing_file_hint(p)}")
     try:

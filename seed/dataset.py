@@ -32,6 +32,7 @@ import socket
 import tarfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 """File (and tar member) name endings taken as images, case-insensitive; other files are ignored."""
+
+PROGRESS_LOG_S = 30.0
+"""Seconds between progress lines when stderr is not a terminal (a log file, a scheduler), where a
+progress bar would leave fragments between the log lines."""
 
 MAX_CHUNK_SIZE = 10_000
 """The default chunk size for large inputs: a resume reads at most this many rows per unfinished chunk."""
@@ -319,6 +324,16 @@ def collate(rows: list[dict]) -> dict:
     }
 
 
+def default_workers(most: int = 4) -> int:
+    """DataLoader worker processes by default: the CPUs this process may use (``os.sched_getaffinity``,
+    as torch's "suggested max number of worker" check), at most ``most``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(most, cpus))
+
+
 def _worker_init(_: int) -> None:
     """DataLoader workers leave Ctrl-C to the main process, which stops the run cleanly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -350,6 +365,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD_LOCKS: weakref.WeakSet[OutputLock] = weakref.WeakSet()
+"""The `OutputLock` objects this process holds (closed in forked children, see `_drop_inherited_locks`)."""
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, any ``fork``): close the inherited lock files.
+
+    ``flock`` belongs to the open file, which a fork shares: a worker keeping its copy would hold
+    the folder after its parent was killed (until the worker notices, seconds later), and a rerun
+    would be refused naming the dead pid. Closing the copy (never ``LOCK_UN``, which would unlock
+    the parent too) ties the lock to the process that took it.
+    """
+    for lock in list(_HELD_LOCKS):
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class OutputLock:
     """``OUT/.lock``: one run at a time per output folder.
 
@@ -358,8 +398,10 @@ class OutputLock:
     gone (no flock held and its pid dead on this host, or an empty file after a clean exit) is
     taken over; a lock left by a process on another host, which this host cannot check, is
     refused with how to clear it. The file stays in place (emptied) after the run: removing it
-    could let two runs lock two different files. ``option``: how the user names the folder (for
-    the refusal's "use another ..."): ``--output`` (tokenize_dataset.py), ``train.output_dir``.
+    could let two runs lock two different files. Forked children (DataLoader workers) do not
+    keep the lock: it ends with the process that took it, so a run killed with ``kill -9`` can be
+    rerun at once. ``option``: how the user names the folder (for the refusal's "use another
+    ..."): ``--output`` (tokenize_dataset.py), ``train.output_dir``.
     """
 
     def __init__(self, out_dir: str | os.PathLike, option: str = "--output"):
@@ -395,6 +437,7 @@ class OutputLock:
             os.close(fd)
             raise
         self.fd = fd
+        _HELD_LOCKS.add(self)
 
     @staticmethod
     def _read(fd: int) -> dict | None:
@@ -434,6 +477,7 @@ class OutputLock:
         finally:
             os.close(self.fd)
             self.fd = None
+            _HELD_LOCKS.discard(self)
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -441,6 +485,11 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min``, ``2.5 h``."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def chunk_file(out_dir: str | os.PathLike, kind: str, k: int) -> Path:
@@ -495,15 +544,12 @@ def model_fingerprint(cfg: Any, vision_dtype: str, saved_folder: str | os.PathLi
         return {"model": OmegaConf.to_container(cfg.model, resolve=True),
                 "weights": {WEIGHTS_NAME: file_identity(Path(saved_folder) / WEIGHTS_NAME)},
                 "vision_dtype": vision_dtype}
+    from .checkpoint import check_weights
+
+    check_weights(cfg, diffusion=False)  # a CheckpointError listing every missing file and how to get it
     weights = {}
     for name, path in OmegaConf.to_container(cfg.checkpoints, resolve=True).items():
-        if path is None:
-            weights[name] = None
-            continue
-        p = resolve_path(path)
-        if not p.is_file():
-            raise InputError(f"checkpoints.{name}: weight file not found: {p}")
-        weights[name] = file_identity(p)
+        weights[name] = None if path is None else file_identity(resolve_path(path))
     return {"model": OmegaConf.to_container(cfg.model, resolve=True), "weights": weights,
             "vision_dtype": vision_dtype}
 
@@ -773,7 +819,7 @@ def _mark_done(out: Path, c: _Chunk, chunk: Sequence[Item]) -> None:
 
 
 def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk_size: int, rank: int = 0,
-                   world_size: int = 1, batch_size: int = 64, num_workers: int = 4, fmt: str = "codes",
+                   world_size: int = 1, batch_size: int = 64, num_workers: int | None = None, fmt: str = "codes",
                    progress: bool = True) -> Summary:
     """Tokenize this rank's chunks of ``items`` (sorted, as from `discover`) into ``out_dir``.
 
@@ -782,7 +828,8 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
     or ``"text"`` with ``fmt="text"``, both with ``"codes+text"``; a JSONL input row's other
     fields come after ``image``) and ``errors/K.jsonl`` (``{"image": id, "error": message}``; a
     row whose fields would be overwritten by the output's goes there too), and ``done/K.json``
-    marks it finished. ``fmt`` must fit the model (`check_format`). Rows already
+    marks it finished. ``fmt`` must fit the model (`check_format`). ``num_workers``: DataLoader
+    processes decoding images (default `default_workers`). Rows already
     in the folder are skipped. The folder must have been prepared (`prepare_output`) under
     `OutputLock`. A KeyboardInterrupt stops between writes: every line on disk is complete.
     """
@@ -806,14 +853,19 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
     fields = {it.id: it.fields for it in todo if it.fields and it.error is None}
     chunks = {c.k: c for c in plan}
     remaining = {c.k: len(c.todo) for c in plan}
+    num_workers = default_workers() if num_workers is None else num_workers
     num_workers = min(num_workers, -(-len(todo) // batch_size))  # no idle workers for a small share
     resample = tok.cfg.model.get("image_resample", "bicubic")  # SEED-1 bicubic, SEED-2 bilinear
     loader = DataLoader(ImageDataset(todo, tok.image_size, [c.k for c in plan for _ in c.todo], resample),
                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                         pin_memory=tok.device.type == "cuda", worker_init_fn=_worker_init if num_workers else None)
     writers: dict[int, tuple[JsonlWriter, JsonlWriter]] = {}
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=f"rank {rank}/{world_size}",
+    import sys
+
+    on_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    bar = tqdm(total=len(todo), unit="img", disable=not (progress and on_terminal), desc=f"rank {rank}/{world_size}",
                dynamic_ncols=True)
+    seen, last_log = 0, time.perf_counter()
     try:
         for batch in loader:
             rows: dict[int, tuple[list[dict], list[dict]]] = {}
@@ -845,6 +897,14 @@ def tokenize_items(tok, items: Sequence[Item], out_dir: str | os.PathLike, chunk
             summary.done += len(batch["ids"])
             summary.failed += len(batch["errors"])
             bar.update(len(batch["ids"]) + len(batch["errors"]))
+            seen += len(batch["ids"]) + len(batch["errors"])
+            now = time.perf_counter()
+            if progress and not on_terminal and now - last_log >= PROGRESS_LOG_S and seen < len(todo):
+                last_log = now  # one readable line per interval instead of a bar
+                rate = seen / max(now - start, 1e-9)
+                logger.info("rank %d/%d: %d/%d images (%.1f%%), %d failed, %.1f images/s, about %s left", rank,
+                            world_size, seen, len(todo), 100 * seen / len(todo), summary.failed, rate,
+                            _duration((len(todo) - seen) / max(rate, 1e-9)))
     finally:
         bar.close()
         for pair in writers.values():

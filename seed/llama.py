@@ -100,7 +100,7 @@ _PASS_TOKENIZER = (f"pass the LM's tokenizer with tokenizer= (the script: --toke
                    f"{SEED_LLAMA_TOKENIZER} (--tokenizer {SEED_LLAMA_TOKENIZER})")
 
 
-def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+def _load_tokenizer(source: str | Path, local_files_only: bool = False) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(source)``; a SentencePiece folder without sentencepiece or
     protobuf installed is a clear ImportError (transformers would blame tiktoken); a folder without
     tokenizer files, or one transformers cannot read, is a `CheckpointError` naming it."""
@@ -116,7 +116,7 @@ def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
             raise ImportError(f"the tokenizer in {folder} is a SentencePiece model (tokenizer.model): it needs "
                               "sentencepiece and protobuf: pip install sentencepiece protobuf")
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        return AutoTokenizer.from_pretrained(str(source), **({"local_files_only": True} if local_files_only else {}))
     except (OSError, ValueError) as e:  # ImportError is neither: a missing package stays an ImportError
         if "sentencepiece or tiktoken" in str(e):  # transformers found no vocabulary it can read
             e = f"no tokenizer.json, and no vocabulary transformers can convert; {_PASS_TOKENIZER}"
@@ -501,7 +501,8 @@ class SeedLlama:
                 TINY_LLAMA_TOKENIZER if tiny else
                 SEED_LLAMA_TOKENIZER if str(llm_name).startswith("AILab-CVC/seed-llama") else llm_name)
             _check_source(source, "tokenizer")
-            tokenizer = _load_tokenizer(source)
+            tokenizer = _load_tokenizer(source, local_files_only=_hub_only(
+                source, "llm" if str(source) == str(llm_name) else "tokenizer"))  # no network: fails at once
         if tiny:
             pipe = cls(lambda: tiny_llama(len(tokenizer)), tokenizer, image_tokenizer, template=template,
                        system=system, constrain_images=constrain_images)
@@ -523,6 +524,8 @@ class SeedLlama:
                     bnb_4bit_compute_dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16)
             if device_map is not None or quantized:
                 kwargs["device_map"] = device_map if device_map is not None else "auto"
+            if _hub_only(llm_name, "llm"):  # no network: fails at once; unreachable but cached: the cache
+                kwargs.setdefault("local_files_only", True)
             logger.info("loading the LM from %s (%s)", llm_name, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
             from safetensors import SafetensorError
 
@@ -859,6 +862,21 @@ def _explained_loader(spec: str, why: str) -> Callable[[], Tokenizer]:
         except (CheckpointError, InputError, FileNotFoundError) as e:
             raise InputError(f"{why}. (The default {spec} did not load: {e})") from None
     return load
+
+
+def _hub_only(name: str | Path, what: str) -> bool:
+    """For a Hub id (not a folder): `seed.hub.hub_access` (fails at once without network and cache;
+    True: read the cache only). A folder or a name that is no repo id: False."""
+    from huggingface_hub.errors import HFValidationError
+
+    from .hub import hub_access
+
+    if isinstance(name, Path) or Path(str(name)).expanduser().exists():
+        return False
+    try:
+        return hub_access(str(name), what)
+    except HFValidationError:
+        return False  # not a repo id: transformers says what is wrong with it
 
 
 def _image_tokenizer_loader(spec: Any) -> Any:

@@ -77,6 +77,9 @@ class Tokenizer(nn.Module):
         ``model.precision: fp16-all``). A null checkpoint leaves random weights (warned), drawn
         from a fixed seed.
         """
+        from .checkpoint import check_weights
+
+        check_weights(cfg, diffusion=False)  # every missing file at once, with how to get it
         files = cfg.get("checkpoints") or {}
         head = decoder.head_of(cfg.model)
         names = CHECKPOINT_FILES[head]

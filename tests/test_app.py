@@ -95,6 +95,26 @@ def test_overrides_with_a_saved_folder_say_they_apply_to_configs(demo, tmp_path,
     assert saved.tokenizer.cfg.diffusion.steps == STEPS  # the folder's own config
 
 
+def test_a_hub_id_without_network_is_one_line_at_once(tmp_path):
+    """demo_app.py with a Hub id and no network (HF_ENDPOINT refuses connections, empty cache):
+    exit 2 with one line naming the model and how to work offline, no retries."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "demo_app.py"), "--llm", "someone/some-llm", "--config",
+                           str(TINY2)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 2, printed
+    assert printed.count("\n") == 1 and printed.startswith("error: llm: cannot load 'someone/some-llm': the network "
+                                                           "or the Hugging Face Hub (http://127.0.0.1:9) is unreachable")
+    assert "HF_HUB_OFFLINE=1" in printed and "local folder" in printed and "Retrying" not in printed
+
+
 def test_parse_codes_reads_every_pasted_form_and_names_bad_tokens():
     assert parse_codes("[1, 2, 3]") == parse_codes("1 2 3") == parse_codes("1,2;\n3") == [1, 2, 3]
     for text, match in (("", "paste 32 integers"), ("1 2 x3", "'x3' is not an integer"), ("1.5", "not an integer")):
@@ -279,3 +299,132 @@ def test_the_page_builds_with_both_tabs_and_the_notice(demo):
     assert {"Chat", "Tokenizer"} <= labels
     limits = {(f.name, f.concurrency_id, f.concurrency_limit) for f in page.fns.values() if f.queue}
     assert limits == {("chat", "chat", 1), ("encode_image", "tokenizer", 2), ("decode_codes", "tokenizer", 2)}
+
+
+# --------------------------------------------------------------------------- the running app's API
+# The app as a user starts it (demo_app.py, tiny models) in a subprocess, once for these tests;
+# the last one stops it with SIGTERM.
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(url, proc, log path) of ``demo_app.py --llm tiny`` serving on a free loopback port."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import ROOT
+
+    tmp = tmp_path_factory.mktemp("served")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_TEMP_DIR=str(tmp / "gradio"), CUDA_VISIBLE_DEVICES="")
+    log_path = tmp / "app.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "demo_app.py", "--llm", "tiny", "--config", str(TINY2), "--port",
+                                 str(port), f"diffusion.steps={STEPS}"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the demo did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+    yield url, proc, log_path
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def docs_example(language: str) -> str:
+    """The ``language`` code block of docs/web_demo.md's "From code" section."""
+    import re
+
+    from conftest import ROOT
+
+    section = (ROOT / "docs" / "web_demo.md").read_text().split("## From code", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(rf"```{language}\n(.*?)```", section, re.S)
+    return block
+
+
+def test_the_api_has_one_named_endpoint_per_action(served):
+    from gradio_client import Client
+
+    api = Client(served[0], verbose=False).view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == {"/chat", "/undo", "/clear", "/encode_image", "/decode_codes"}
+    assert not api["unnamed_endpoints"]
+    names = {e: ([p["parameter_name"] for p in info["parameters"]], [r["label"] for r in info["returns"]])
+             for e, info in api["named_endpoints"].items()}
+    assert names["/chat"] == (["message", "force_image", "temperature", "top_p", "max_new_tokens", "seed", "steps",
+                               "constrain", "template"], ["chat", "message", "Generated images"])
+    assert names["/encode_image"] == (["image", "seed", "steps", "samples"], ["codes", "Input and reconstructions"])
+    assert names["/decode_codes"] == (["codes", "seed", "steps", "samples"], ["Input and reconstructions"])
+    assert names["/clear"] == names["/undo"] == ([], ["chat", "Generated images"])
+    settings = [p for e in ("/chat", "/encode_image", "/decode_codes") for p in api["named_endpoints"][e]["parameters"]
+                if p["parameter_name"] not in ("message", "image", "codes")]
+    assert all(p["parameter_has_default"] for p in settings)  # a client passes only what it changes
+    usage = Client(served[0], verbose=False).view_api(print_info=False, return_format="str")
+    assert "value_" not in usage and "-> (chat, message, generated_images)" in usage
+
+
+def test_the_docs_gradio_client_example_runs(served, monkeypatch, capsys):
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # its image path is relative to the repository
+    code = docs_example("python").replace("http://127.0.0.1:7860/", served[0])
+    assert code != docs_example("python")
+    scope: dict = {}
+    exec(compile(code, "docs/web_demo.md", "exec"), scope)
+    codes = json_codes(scope["codes"])
+    assert len(codes) == 32 and [i["caption"] for i in scope["images"]] == ["sample 1 (seed 7)"]
+    assert all(Image.open(i["image"]).size == (i_size := Image.open(scope["images"][0]["image"]).size)
+               for i in scope["images"]) and i_size[0] > 0
+    assert scope["chat"][0]["role"] == "user" and scope["chat"][-1]["role"] == "assistant"
+    assert "[[{" in capsys.readouterr().out  # the assistant messages, printed
+
+
+def json_codes(text: str) -> list[int]:
+    import json
+
+    return json.loads(text)
+
+
+def test_the_docs_curl_example_runs(served):
+    import subprocess
+
+    script = docs_example("bash").replace("http://127.0.0.1:7860", served[0].rstrip("/"))
+    proc = subprocess.run(["bash", "-c", "set -eo pipefail\n" + script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "event: complete" in proc.stdout and '"caption": "sample 1 (seed 7)"' in proc.stdout, proc.stdout
+
+
+def test_a_non_image_upload_is_a_message_without_a_traceback(served, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(served[0], verbose=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image at all\n")
+    with pytest.raises(AppError, match="notes.txt: not an image"):
+        client.predict(image=handle_file(str(notes)), api_name="/encode_image")
+    with pytest.raises(AppError, match="notes.txt: not an image"):
+        client.predict(message={"text": "What is this?", "files": [handle_file(str(notes))]}, api_name="/chat")
+    assert "Traceback" not in served[2].read_text()
+
+
+def test_sigterm_logs_a_clean_shutdown(served):  # last: it stops the app
+    import signal
+
+    _, proc, log_path = served
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    log = log_path.read_text()
+    assert "INFO seed.app: stopped (SIGTERM): the server is closed and the generated images are removed" in log
+    assert "Traceback" not in log, log[-3000:]

@@ -26,9 +26,11 @@ def installed(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # build from a copy: the checkout stays clean, and the build cannot see tests/
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "tests", "outputs", "build", "*.egg-info"))
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w",
                         str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    # every folder of the package is declared: setuptools warns of none ("Package would be ignored")
+    assert "would be ignored" not in r.stdout + r.stderr and "is absent from the `packages`" not in r.stdout + r.stderr
     wheel = next((tmp / "dist").glob("seed-*.whl"))
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp / "site"),
                         str(wheel)], capture_output=True, text=True, timeout=600)

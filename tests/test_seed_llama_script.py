@@ -12,13 +12,14 @@ import contextlib
 import importlib.util
 import io
 import json
+import time
 from unittest import mock
 
 import pytest
 from conftest import PHOTOS, ROOT
 from omegaconf import DictConfig, OmegaConf
 
-from seed import InputError
+from seed import CheckpointError, InputError
 from seed.llama import SeedLlama
 
 SCRIPT = ROOT / "scripts" / "seed_llama.py"
@@ -94,6 +95,70 @@ def test_image_tokenizer_hub_id_reaches_the_hub_loader(one_thread, tmp_path, mon
     assert "error: cannot load a pretrained tokenizer from 'AILab-CVC/seed-tokenizer-2'" in err
     assert "HF_HUB_OFFLINE" in err
     assert list(out.iterdir()) == []
+
+
+UNREACHABLE_HUB = "http://127.0.0.1:9"
+"""A Hub endpoint nobody answers at (the discard port on this machine: connection refused)."""
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """No network: the Hub endpoint refuses connections, and the Hugging Face cache is empty."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", UNREACHABLE_HUB)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return tmp_path
+
+
+def test_a_hub_id_without_network_fails_at_once_saying_how_to_work_offline(no_hub):
+    """One line naming the model, the unreachable endpoint and the ways to work offline; in
+    seconds, not huggingface_hub's minute of retries."""
+    t = time.monotonic()
+    rc, _, err = run("--llm", "someone/some-llm", "--prompt", "hi", "--out", str(no_hub / "out"))
+    took = time.monotonic() - t
+    assert rc == 2 and took < 5, (took, err)
+    assert err.count("\n") == 1 and err.startswith("error: llm: cannot load 'someone/some-llm': "), err
+    for words in ("the network or the Hugging Face Hub", UNREACHABLE_HUB, "unreachable", "local folder",
+                  "hf download someone/some-llm --local-dir", "scripts/download_weights.py", "HF_HUB_OFFLINE=1"):
+        assert words in err, (words, err)
+    assert "Retrying" not in err
+    from seed.llama import TINY_LLAMA_TOKENIZER
+
+    t = time.monotonic()  # the tokenizer from a folder: the LM (loaded before any turn) fails as fast
+    rc, _, err2 = run("--llm", "someone/some-llm", "--tokenizer", str(TINY_LLAMA_TOKENIZER), "--prompt", "hi",
+                      "--out", str(no_hub / "out"))
+    assert rc == 2 and time.monotonic() - t < 5 and err2 == err, err2
+
+
+def test_a_hub_tokenizer_without_network_fails_at_once(no_hub):
+    t = time.monotonic()
+    with pytest.raises(CheckpointError, match="tokenizer: cannot load 'someone/some-tokenizer': the network"):
+        SeedLlama.from_pretrained("tiny", tokenizer="someone/some-tokenizer")
+    assert time.monotonic() - t < 5
+
+
+def test_hub_log_records_print_once(monkeypatch):
+    """huggingface_hub's own handler and the script's root handler would print each record twice."""
+    import logging
+
+    from seed.hub import log_once
+
+    hub_logger, root = logging.getLogger("huggingface_hub"), logging.getLogger()
+    monkeypatch.setattr(hub_logger, "handlers", list(hub_logger.handlers))  # put back afterwards
+    printed = io.StringIO()
+    mine = logging.StreamHandler(printed)
+    for h in hub_logger.handlers:
+        monkeypatch.setattr(h, "stream", printed)
+    root.addHandler(mine)
+    try:
+        log_once()
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    finally:
+        root.removeHandler(mine)
+    assert printed.getvalue() == "Retrying in 1s [Retry 1/5].\n"
 
 
 # --------------------------------------------------------------------------- generation arguments

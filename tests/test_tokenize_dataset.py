@@ -331,6 +331,94 @@ def test_second_run_is_locked_out_and_ctrl_c_leaves_complete_lines(tmp_path, par
     assert as_dict(rows(out, "codes"), "codes") == want
 
 
+def test_a_killed_run_with_workers_is_rerun_at_once(tmp_path, caplog):
+    """kill -9 of a run whose DataLoader workers are alive: the lock dies with the run (the workers
+    do not keep it), so an immediate rerun takes it over instead of naming the dead pid."""
+    src, out = tmp_path / "many", tmp_path / "out"
+    src.mkdir()
+    for i in range(60):
+        os.symlink(PHOTOS[i % len(PHOTOS)], src / f"img{i:03d}.png")
+    cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--input", str(src), "--output", str(out),
+           "--batch-size", "1", "--num-workers", "2", "--chunk-size", "20", *parity_overrides(PARITY)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        codes = out / "codes" / "000000.jsonl"
+        deadline = time.monotonic() + 120
+        while not (codes.is_file() and codes.stat().st_size > 0):  # the workers are decoding images
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        rc, printed, err = run(src, out, "--batch-size", "16")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, err[-3000:]
+    assert f"stale lock of pid {proc.pid}" in caplog.text
+    assert len(rows(out, "codes")) == 60
+
+
+def test_missing_weights_say_where_they_were_looked_for_and_how_to_get_them(tmp_path, monkeypatch):
+    """The one missing-weights message (seed.checkpoint.check_weights, as demo_recon.py): every
+    missing file with the absolute path looked at and how to get it, and the tiny config; exit 2,
+    before the model loads, no output folder contents."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    rc, _, err = run(PHOTOS[0].parent, out, config=ROOT / "configs" / "seed2_tokenizer.yaml",
+                     overrides=["checkpoints.vision=nowhere/eva_vit_g.pth", "checkpoints.quantizer=nowhere/q.pt"])
+    assert rc == 2 and err.startswith("error: 2 weight file(s) not found:\n"), err
+    lines = err.splitlines()
+    assert f"  - checkpoints.vision: {tmp_path / 'nowhere' / 'eva_vit_g.pth'} not found. " in lines[1]
+    assert "scripts/download_weights.py" in lines[1]
+    assert f"checkpoints.quantizer: {tmp_path / 'nowhere' / 'q.pt'} not found" in lines[2]
+    assert lines[3] == "See pretrained/README.md, or try the tiny random model: --config configs/seed2_tiny.yaml"
+    assert not (out / "codes").exists()
+    cfg = seed.load_config("seed2_tokenizer", "checkpoints.vision=nowhere/eva_vit_g.pth",
+                           "checkpoints.quantizer=nowhere/q.pt")
+    with pytest.raises(seed.CheckpointError) as e:  # what evaluate.py, seed_llama.py and the web demo load with
+        seed.Tokenizer.from_config(cfg)
+    assert str(e.value) == err.removeprefix("error: ").rstrip("\n")
+
+
+def test_default_workers_are_what_the_machine_has(tmp_path):
+    """Without --num-workers, a process allowed one CPU starts one DataLoader worker: torch does
+    not warn that it would create more than the suggested maximum."""
+    src, out = tmp_path / "some", tmp_path / "out"
+    src.mkdir()
+    for i in range(8):
+        os.symlink(PHOTOS[i % len(PHOTOS)], src / f"img{i}.png")
+    cpu = min(os.sched_getaffinity(0))
+    cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--input", str(src), "--output", str(out),
+           "--batch-size", "1", *parity_overrides(PARITY)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "suggested max number of worker" not in proc.stderr, proc.stderr[-3000:]
+    assert len(rows(out, "codes")) == 8
+    with mock.patch("os.sched_getaffinity", return_value=set(range(16))):
+        assert seed.dataset.default_workers() == 4
+    with mock.patch("os.sched_getaffinity", return_value={0, 1}):
+        assert seed.dataset.default_workers() == 2
+
+
+def test_progress_off_a_terminal_is_log_lines(tmp_path, caplog):
+    """stderr not a terminal (here a StringIO; a log file, a scheduler): no progress bar fragments
+    between the log lines, one readable progress line per interval instead."""
+    src, out = tmp_path / "some", tmp_path / "out"
+    src.mkdir()
+    for i in range(6):
+        os.symlink(PHOTOS[i % len(PHOTOS)], src / f"img{i}.png")
+    with caplog.at_level("INFO", logger="seed.dataset"), mock.patch.object(seed.dataset, "PROGRESS_LOG_S", 0.0):
+        rc, _, err = run(src, out, "--batch-size", "2", "--num-workers", "0")
+    assert rc == 0, err
+    assert "img/s" not in err and "\r" not in err and "|" not in err, err  # no tqdm
+    progress = [r.getMessage() for r in caplog.records if "images/s, about" in r.getMessage()]
+    assert [p.split(" images")[0] for p in progress] == ["rank 0/1: 2/6", "rank 0/1: 4/6"], progress
+    assert re.fullmatch(r"rank 0/1: 2/6 images \(33\.3%\), 0 failed, [\d.]+ images/s, about \d+ s left", progress[0])
+
+
 def test_stale_lock_is_taken_over_and_another_hosts_is_refused(tmp_path, caplog):
     src, out = PHOTOS[0].parent, tmp_path / "out"
     out.mkdir()

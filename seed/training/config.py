@@ -71,8 +71,9 @@ class DataConfig:
     WebDataset-style ``.tar`` shard, or a folder of them (``KEY.jpg/png`` + ``KEY.txt``/``.json``)."""
     batch_size: int = 64
     """Images per process and micro-step (the global batch is this x processes x grad_accum)."""
-    num_workers: int = 4
-    """DataLoader processes decoding images (0: in the training process)."""
+    num_workers: Optional[int] = None
+    """DataLoader processes decoding images (0: in the training process; null: the CPUs this process
+    may use, at most 4: `seed.dataset.default_workers`)."""
     image_size: Optional[int] = None
     """RandomResizedCrop size; null: ``model.image_size``."""
     min_scale: float = 0.5
@@ -191,7 +192,7 @@ def load_train_config(path: str | Path, *overrides: str) -> DictConfig:
         (cfg.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}"),
         (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}"),
         (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
-        (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
+        (cfg.data.num_workers is None or cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0 or null"),
         (0 < cfg.data.min_scale <= 1, "data.min_scale", "must be in (0, 1]"),
         (cfg.data.max_words >= 1, "data.max_words", "must be >= 1 (captions are cut to this many words)"),
         (cfg.data.image_size is None or cfg.data.image_size >= 1, "data.image_size", "must be >= 1 or null"),

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import resolve_path
+from ..dataset import default_workers
 from ..errors import InputError
 from . import card
 from .config import TrainConfig, image_size, max_steps
@@ -177,7 +178,8 @@ def _train(run: Run, build_model) -> dict:
     pairs = read_pairs(resolve_path(cfg.data.train))
     loader, per_epoch = build_loader(
         pairs, image_size=image_size(cfg), batch_size=cfg.data.batch_size, rank=d.rank, world_size=d.world_size,
-        seed=t.seed, start=position, num_workers=cfg.data.num_workers, min_scale=cfg.data.min_scale,
+        seed=t.seed, start=position, min_scale=cfg.data.min_scale,
+        num_workers=default_workers() if cfg.data.num_workers is None else cfg.data.num_workers,
         flip=cfg.data.flip, max_words=cfg.data.max_words, pin_memory=d.device.type == "cuda")
     batches: Iterator[dict] = iter(loader)
     val = build_val(cfg, d)

@@ -281,8 +281,13 @@ def test_demo_and_evaluate_default_to_the_exports_tokenizer(pre_export, toks):
     spec.loader.exec_module(ev)
     args = argparse.Namespace(llm=str(pre_export), tokenizer=None, image_tokenizer=None, dtype=None,
                               load_in_8bit=False, template=None)
+    assert ev.image_tokenizer_spec(args) == copy  # what evaluate.py fingerprints before the LM loads
     pipe, fingerprint = ev.load_llama(args)
-    assert pipe.image_tokenizer_spec == copy and "model.safetensors" in fingerprint["image_tokenizer_files"]
+    assert pipe.image_tokenizer_spec == copy
+    assert fingerprint["image_tokenizer"]["folder"] == copy
+    assert "model.safetensors" in fingerprint["image_tokenizer"]["weights"]
+    with pytest.raises(InputError, match="tokB"):
+        ev.image_tokenizer_spec(argparse.Namespace(**{**vars(args), "image_tokenizer": str(toks["B"])}))
     with pytest.raises(InputError, match="tokB"):
         ev.load_llama(argparse.Namespace(**{**vars(args), "image_tokenizer": str(toks["B"])}))
 

@@ -1,4 +1,4 @@
-"""Make the tiny trained SEED-2 tokenizer shipped in assets/tiny_seed2_tokenizer/ (CPU, ~2-4 minutes).
+"""Make the tiny trained SEED-2 tokenizer shipped in assets/tiny_seed2_tokenizer/ (CPU, a few minutes).
 
     python scripts/make_tiny_tokenizer.py                  # writes assets/tiny_seed2_tokenizer/
     python scripts/make_tiny_tokenizer.py --out DIR --work RUNS

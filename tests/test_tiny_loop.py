@@ -77,7 +77,7 @@ def test_tiny_loop_learns_each_photo_both_ways(tmp_path, one_thread):
     export = tmp_path / "outputs/tiny_loop/sft/export"
 
     # 4. chat with the export, greedy
-    pipe = SeedLlama.from_pretrained(export, image_tokenizer=TOKENIZER)
+    pipe = SeedLlama.from_pretrained(export, image_tokenizer=TOKENIZER)  # once exports name their tokenizer: (export)
     greedy = dict(do_sample=False, max_new_tokens=40, decode_images=False)
     wrong = []
     for r in rows:

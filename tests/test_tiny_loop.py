@@ -1,7 +1,7 @@
 """The tiny loop end to end, through the real scripts (docs/llm_training.md, "The tiny loop"):
 the repo's three photos -> codes (tokenize_dataset.py with the shipped trained tiny tokenizer) ->
 pretraining (train_llama.py, LoRA, merged into the export) -> instruction tuning on the same caption
-rows (train_llama.py, format sft_qa) -> SeedLlama: asked about each photo it answers that photo's
+rows (train_llama.py, format sft_caption) -> SeedLlama: asked about each photo it answers that photo's
 caption, asked for a picture of a caption it writes that photo's 32 codes.
 
 Every joint matters: codes that do not tell the photos apart, shifted image token ids, labels
@@ -77,7 +77,11 @@ def test_tiny_loop_learns_each_photo_both_ways(tmp_path, one_thread):
     export = tmp_path / "outputs/tiny_loop/sft/export"
 
     # 4. chat with the export, greedy
-    pipe = SeedLlama.from_pretrained(export, image_tokenizer=TOKENIZER)  # once exports name their tokenizer: (export)
+    # the export names its image tokenizer (a copy of the trained folder the codes came from) and chat uses it
+    record = json.loads((export / "image_tokenizer.json").read_text())
+    assert record["variant"] == "seed2" and record["spec"] == "image_tokenizer"
+    assert (export / "image_tokenizer" / "model.safetensors").read_bytes() == (TOKENIZER / "model.safetensors").read_bytes()
+    pipe = SeedLlama.from_pretrained(export)
     greedy = dict(do_sample=False, max_new_tokens=40, decode_images=False)
     wrong = []
     for r in rows:

@@ -28,6 +28,16 @@ WORDS = ("a the dog cat man woman red blue green small large old young street ta
          "running on in with near under beside holding looking at river beach city market camera photo").split()
 
 
+def write_caption_pairs(path: str, samples: int, seed: int = 0) -> None:
+    """``samples`` JSONL caption pairs ``{"codes": [32 ints], "caption": 8-24 words}`` into ``path``
+    (the recipe's caption length distribution; also used by benchmark_llm_train.py --compare)."""
+    rnd = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(samples):
+            caption = " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(8, 24))).capitalize() + "."
+            f.write(json.dumps({"codes": [rnd.randrange(8192) for _ in range(32)], "caption": caption}) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", default=None,
@@ -51,13 +61,9 @@ def main() -> None:
     torch.set_num_threads(1)
     args.tokenizer = str(args.tokenizer or TINY_LLAMA_TOKENIZER)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    rnd = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pairs.jsonl")
-        with open(path, "w") as f:
-            for _ in range(args.samples):
-                caption = " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(8, 24))).capitalize() + "."
-                f.write(json.dumps({"codes": [rnd.randrange(8192) for _ in range(32)], "caption": caption}) + "\n")
+        write_caption_pairs(path, args.samples, args.seed)
 
         src = Source(name="pairs", files=[path], format="auto", batch_size=args.batch_size,
                      max_length=args.max_length, cycle=1, options={"reverse_ratio": 0.5}, pack=args.pack)

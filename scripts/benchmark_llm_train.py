@@ -53,8 +53,6 @@ SMALL = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_
              intermediate_size=2752, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6,
              tie_word_embeddings=False)
 MODES = ("max_length", "longest", "pack")
-WORDS = ("a the dog cat man woman red blue green small large old young street table bowl fruit sitting "
-         "running on in with near under beside holding looking at river beach city market camera photo").split()
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 tie_word_embeddings=False)
@@ -175,27 +173,18 @@ def main(argv: list[str] | None = None) -> int:
 def compare(args) -> int:
     """--compare: write the samples, run every mode in its own process, print the settings and the modes."""
     import os
-    import random
     import subprocess
     import tempfile
 
-    from seed.training.llm.data import LlmDataConfig
-
-    if "pack" in args.modes and "pack" not in LlmDataConfig.__dataclass_fields__:
-        print("error: --compare mode pack needs data.pack in the training config (LlmDataConfig), which this "
-              "build of seed does not have; pass --modes max_length longest", file=sys.stderr)
-        return 2
     if min(args.samples, args.batch, args.seq) < 1:
         print("error: --samples, --batch and --seq must be >= 1", file=sys.stderr)
         return 2
-    rnd = random.Random(0)
+    from benchmark_llm_data import write_caption_pairs  # scripts/ is sys.path[0]
+
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pairs.jsonl")
-        with open(path, "w") as f:
-            for _ in range(args.samples):
-                caption = " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(8, 24))).capitalize() + "."
-                f.write(json.dumps({"codes": [rnd.randrange(8192) for _ in range(32)], "caption": caption}) + "\n")
+        write_caption_pairs(path, args.samples, seed=0)
         # large blocks go back to the kernel when freed, so that RSS is what is alive
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
         base = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--device", args.device,

@@ -24,16 +24,10 @@ def test_benchmark_runs_on_tiny_config():
 
 def test_llm_train_compare_on_the_tiny_llama():
     """--compare at a tiny size: the last line holds every mode, the same samples and loss in each,
-    less padding with longest (and packing, when the config has it)."""
-    from seed.training.llm.data import LlmDataConfig
-
-    has_pack = "pack" in LlmDataConfig.__dataclass_fields__
+    less padding with longest and with packing than with max_length padding."""
     cmd = [sys.executable, "scripts/benchmark_llm_train.py", "--compare", "--model", "tiny", "--samples", "12",
            "--batch", "12", "--seq", "128", "--loss-chunk", "64", "--threads", "1"]
-    if not has_pack:  # packing is not built yet: the mode is refused, naming the setting
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 2 and "data.pack" in res.stderr and not res.stdout
-    modes = ["max_length", "longest"] + (["pack"] if has_pack else [])
+    modes = ["max_length", "longest", "pack"]
     res = subprocess.run([*cmd, "--modes", *modes], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
@@ -45,7 +39,7 @@ def test_llm_train_compare_on_the_tiny_llama():
         assert abs(r["loss"] - out["max_length"]["loss"]) <= 1e-5 * out["max_length"]["loss"]
     assert out["max_length"]["token_slots"] == 12 * 128
     assert out["longest"]["padding_share"] < out["max_length"]["padding_share"]
-    if has_pack:  # rows of up to 128 tokens from samples of up to 128: fewer slots than max_length padding
-        # (not necessarily fewer than longest at this length; at the recipe's lengths see docs/speed.md)
-        assert out["pack"]["token_slots"] < out["max_length"]["token_slots"]
-        assert out["pack"]["padding_share"] < out["max_length"]["padding_share"]
+    # rows of up to 128 tokens from samples of up to 128: fewer slots than max_length padding (not
+    # necessarily fewer than longest at this length; at the recipe's lengths see docs/speed.md)
+    assert out["pack"]["token_slots"] < out["max_length"]["token_slots"]
+    assert out["pack"]["padding_share"] < out["max_length"]["padding_share"]
